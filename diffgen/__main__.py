@@ -1,0 +1,3 @@
+from diffgen.cli import main
+
+main()
