@@ -236,5 +236,259 @@ class train_progress:  # noqa: N801 - used as a context manager, reads like a fu
         self.progress.stop()
 
 
+WeightsOpt = Annotated[Optional[Path], typer.Option(
+    help="Model file from diffgen train [default: the shipped MNIST model].")]
+StepsOpt = Annotated[int, typer.Option(help="Sampler steps (model evaluations), at most T.")]
+DdimOpt = Annotated[bool, typer.Option("--ddim/--ddpm", help="DDIM (default) or DDPM "
+                                                              "ancestral sampling.")]
+EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like.")]
+VarianceOpt = Annotated[str, typer.Option(help="DDPM variance: small (posterior) or large "
+                                               "(beta).")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")]
+BatchOpt = Annotated[int, typer.Option(help="Largest batch sent through the model at once.")]
+ClassOpt = Annotated[Optional[list[int]], typer.Option(
+    "--class", "-c", help="Class to sample; repeat for several [default: all classes].")]
+RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead of the EMA "
+                                                    "weights.")]
+
+
+def sampler_config(steps: int, ddim: bool, eta: float, variance: str):
+    from diffgen.sampling import SamplerConfig
+
+    return SamplerConfig(method="ddim" if ddim else "ddpm", steps=steps, eta=eta,
+                         variance=variance)
+
+
+class step_progress:  # noqa: N801
+    """A progress bar over sampler steps of all batches (hidden when not on a terminal)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.progress = Progress(TextColumn(label), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total} steps"),
+                                 TimeRemainingColumn(), console=stderr,
+                                 disable=not show_progress(), transient=True)
+        self.total = total
+
+    def __enter__(self):
+        self.progress.start()
+        task = self.progress.add_task(" ", total=self.total)
+        return lambda state: self.progress.advance(task)
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+@app.command("sample")
+def sample_cmd(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG grid to write (one "
+                                                "row per class when several).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Folder for one PNG per sample, "
+                                                    "named index_class_seed.png.")] = None,
+    classes: ClassOpt = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Samples per class.")] = 8,
+    steps: StepsOpt = 50,
+    ddim: DdimOpt = True,
+    eta: EtaOpt = 0.0,
+    variance: VarianceOpt = "small",
+    seed: SeedOpt = 0,
+    weights: WeightsOpt = None,
+    raw: RawOpt = False,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Sample digits: a PNG grid with -o, one PNG per sample with --out-dir."""
+    from diffgen import device as devices
+    from diffgen import images, pipeline
+
+    if out is None and out_dir is None:
+        raise typer.BadParameter("give -o FILE.png and/or --out-dir DIR", param_hint="--out")
+    if out is not None:
+        images.check_output(out, (".png",))
+    if out_dir is not None:
+        images.check_folder(out_dir)
+    config = sampler_config(steps, ddim, eta, variance)
+    dev, prec = devices.resolve(device, precision)
+    loaded = pipeline.load(weights, dev, ema=not raw)
+    labels = pipeline.class_labels(loaded, classes or [], n)
+    seeds = pipeline.seeds_for(seed, len(labels))
+    batches = -(-len(labels) // batch_size) if batch_size > 0 else 1
+    tic = time.perf_counter()
+    with step_progress(batches * min(steps, loaded.diffusion.num_timesteps), "sampling") as cb:
+        samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size, cb)
+    seconds = time.perf_counter() - tic
+    files = []
+    if out is not None:
+        files.append(str(images.save_grid(samples, out, ncol=n if len(set(labels)) > 1
+                                          else min(len(labels), 8))))
+    if out_dir is not None:
+        for i, (image, label, s) in enumerate(zip(samples, labels, seeds)):
+            name = out_dir / f"{i:04d}_class{label}_seed{s}.png"
+            files.append(str(images.save_image(image, name)))
+    log.info("%d samples in %.1f s (%.1f img/s)", len(labels), seconds, len(labels) / seconds)
+    if not json_out and out is not None:
+        typer.echo(out)
+    elif not json_out:
+        typer.echo(out_dir)
+    emit_json(json_out, {"files": files, "classes": labels, "seeds": seeds,
+                         "seconds": round(seconds, 3), "weights": str(loaded.path),
+                         "device": str(dev), "precision": prec.name})
+
+
+@app.command()
+def trajectory(
+    out: Annotated[Path, typer.Option("--out", "-o", help="GIF of the path, or PNG for a "
+                                                          "strip of its frames.")],
+    classes: ClassOpt = None,
+    n: Annotated[int, typer.Option("--n", "-n", help="Samples per class.")] = 1,
+    frames: Annotated[int, typer.Option(help="Frames, noise and final image included.")] = 26,
+    frame_ms: Annotated[int, typer.Option(help="Milliseconds per GIF frame (multiple of "
+                                               "10, at least 20).")] = 80,
+    hold_ms: Annotated[int, typer.Option(help="Extra time on the last GIF frame.")] = 1500,
+    show_x0: Annotated[bool, typer.Option("--show-x0", help="Show the predicted x_0 beside "
+                                                            "each x_t.")] = False,
+    forward: Annotated[bool, typer.Option("--forward", help="Show real digits being noised "
+                                                            "by q(x_t | x_0) instead.")] = False,
+    steps: StepsOpt = 50,
+    ddim: DdimOpt = True,
+    eta: EtaOpt = 0.0,
+    variance: VarianceOpt = "small",
+    seed: SeedOpt = 0,
+    weights: WeightsOpt = None,
+    raw: RawOpt = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Draw the diffusion path of a grid of samples as a GIF (or a PNG strip)."""
+    import torch
+
+    from diffgen import device as devices
+    from diffgen import images, pipeline
+
+    images.check_output(out, (".gif", ".png"))
+    if frames < 2:
+        raise typer.BadParameter(f"must be at least 2, got {frames}", param_hint="--frames")
+    if out.suffix.lower() == ".gif":
+        images.frame_duration(frame_ms)
+    if forward and show_x0:
+        raise typer.BadParameter("--show-x0 applies to the reverse path only",
+                                 param_hint="--show-x0")
+    config = sampler_config(steps, ddim, eta, variance)
+    dev, prec = devices.resolve(device, precision)
+    loaded = pipeline.load(weights, dev, ema=not raw)
+    labels = pipeline.class_labels(loaded, classes or [], n)
+    seeds = pipeline.seeds_for(seed, len(labels))
+    ncol = n if len(set(labels)) > 1 else min(len(labels), 8)
+    ncol = len(labels) if len(labels) <= 10 and n == 1 else ncol
+    tic = time.perf_counter()
+    if forward:
+        from diffgen.data import packaged_mnist
+
+        x_0 = real_examples(packaged_mnist(), labels, seed)
+        x_t_frames, shown = pipeline.forward_trajectory(loaded.diffusion, x_0, seeds, frames)
+        grids = [images.make_grid(x, ncol) for x in x_t_frames]
+    else:
+        x_t_frames, x_0_frames, shown = pipeline.reverse_trajectory(
+            loaded, labels, seeds, config, dev, prec, frames)
+        grids = [images.make_grid(x, ncol) for x in x_t_frames]
+        if show_x0:
+            grids = [torch.cat([g, images.make_grid(x0, ncol)], dim=2)
+                     for g, x0 in zip(grids, x_0_frames)]
+    if out.suffix.lower() == ".gif":
+        images.save_gif(grids, out, frame_ms, hold_ms)
+    else:
+        images.save_atomic(images.to_pil(torch.cat(grids, dim=2)), out)
+    seconds = time.perf_counter() - tic
+    if not json_out:
+        typer.echo(out)
+    emit_json(json_out, {"files": [str(out)], "frames": len(grids), "timesteps": shown,
+                         "classes": labels, "seeds": seeds, "seconds": round(seconds, 3)})
+
+
+def real_examples(dataset, labels: list[int], seed: int):
+    """One real image per requested label, picked with ``seed``, in [-1, 1]."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for label in labels:
+        candidates = (dataset.labels == label).nonzero().flatten()
+        picks.append(candidates[torch.randint(len(candidates), (1,), generator=gen)].item())
+    return dataset.images[picks].float() / 127.5 - 1.0
+
+
+@app.command("denoise")
+def denoise_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files to denoise.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output PNG (one "
+                                                                    "input).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Folder for one result per input, "
+                                                    "under the input's name.")] = None,
+    strength: Annotated[Optional[float], typer.Option(help="How far to noise, 0 (keep the "
+                                                      "input) to 1 (pure noise).")] = None,
+    t: Annotated[Optional[int], typer.Option("--t", help="Noise to this timestep instead of "
+                                                         "--strength.")] = None,
+    strip: Annotated[bool, typer.Option("--strip", help="Write input, noised and denoised "
+                                                        "side by side.")] = False,
+    classes: Annotated[Optional[int], typer.Option("--class", "-c", help="Class to steer "
+                                                   "towards [default: unconditional].")] = None,
+    steps: Annotated[int, typer.Option(help="Sampler steps for a full path; scaled by the "
+                                            "strength.")] = 50,
+    ddim: DdimOpt = True,
+    eta: EtaOpt = 0.0,
+    variance: VarianceOpt = "small",
+    seed: SeedOpt = 0,
+    weights: WeightsOpt = None,
+    raw: RawOpt = False,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Noise images part of the way and denoise them back (SDEdit)."""
+    import torch
+
+    from diffgen import device as devices
+    from diffgen import images, pipeline
+
+    if (out is None) == (out_dir is None):
+        raise typer.BadParameter("give either -o FILE.png (one input) or --out-dir DIR",
+                                 param_hint="--out")
+    if out is not None and len(inputs) > 1:
+        raise typer.BadParameter(f"{len(inputs)} inputs need --out-dir, not -o",
+                                 param_hint="--out")
+    if strength is None and t is None:
+        strength = 0.5
+    if out is not None:
+        images.check_output(out, (".png",))
+    else:
+        images.check_folder(out_dir)
+    config = sampler_config(steps, ddim, eta, variance)
+    dev, prec = devices.resolve(device, precision)
+    loaded = pipeline.load(weights, dev, ema=not raw)
+    start = pipeline.strength_to_t(strength, t, loaded.diffusion.num_timesteps)
+    if classes is not None:
+        pipeline.class_labels(loaded, [classes], 1)
+    label = loaded.model.null_class if classes is None else classes
+    x_0 = torch.stack([images.load_image(p, loaded.config.in_channels, loaded.config.image_size)
+                       for p in inputs])
+    seeds = pipeline.seeds_for(seed, len(inputs))
+    tic = time.perf_counter()
+    noised, result = pipeline.denoise(loaded, x_0, [label] * len(inputs), seeds, start, config,
+                                      dev, prec, batch_size)
+    seconds = time.perf_counter() - tic
+    targets = [out] if out is not None else [out_dir / f"{p.stem}.png" for p in inputs]
+    files = []
+    for target, original, noisy, clean in zip(targets, x_0, noised, result):
+        image = images.make_grid(torch.stack([original, noisy, clean]), 3) if strip else clean
+        files.append(str(images.save_image(image, target)))
+    if not json_out:
+        typer.echo("\n".join(files))
+    emit_json(json_out, {"files": files, "t_start": start, "seeds": seeds,
+                         "seconds": round(seconds, 3)})
+
+
 def main() -> None:
     app()

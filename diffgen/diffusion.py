@@ -67,20 +67,28 @@ class GaussianDiffusion:
 
     def __init__(self, config: ScheduleConfig) -> None:
         self.config = config
-        self.num_timesteps = config.num_timesteps
         if config.schedule == "linear":
             betas = linear_betas(config.num_timesteps)
         else:
             betas = cosine_betas(config.num_timesteps)
         self.set_betas(betas)
 
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, config: ScheduleConfig) -> "GaussianDiffusion":
+        """A chain with explicit betas, e.g. respaced to a subset of ``config``'s timesteps."""
+        chain = cls.__new__(cls)
+        chain.config = config
+        chain.set_betas(betas.to(torch.float64))
+        return chain
+
     def set_betas(self, betas: torch.Tensor) -> None:
-        """Derive every array from betas [T] (also used for a respaced chain)."""
+        """Derive every array from betas [T]."""
+        self.num_timesteps = betas.shape[0]
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64),
-                                              self.alphas_cumprod[:-1]])
+        self.alphas_cumprod_prev = torch.cat(
+            [torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()

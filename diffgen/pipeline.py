@@ -1,0 +1,195 @@
+"""What the commands do, over the engine: load a model, sample, draw trajectories, denoise.
+
+Each function takes resolved settings and returns tensors; files are written by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from diffgen import checkpoint
+from diffgen.device import Precision
+from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
+from diffgen.errors import DiffgenError
+from diffgen.sampling import SamplerConfig, sample, timesteps_for
+from diffgen.unet import UNet, UNetConfig, count_parameters
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class LoadedModel:
+    """A network ready to sample, with its forward chain and where it came from."""
+
+    model: UNet
+    diffusion: GaussianDiffusion
+    path: Path
+    step: int
+
+    @property
+    def config(self) -> UNetConfig:
+        return self.model.config
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+
+def default_weights() -> Path:
+    """The model shipped with diffgen (inside the installed package or the source tree)."""
+    shipped = resources.files("diffgen.weights") / DEFAULT_WEIGHTS
+    path = Path(str(shipped))
+    if not path.is_file():
+        raise DiffgenError(f"the shipped model {path} is missing; reinstall diffgen or pass "
+                           "--weights")
+    return path
+
+
+def load(path: Path | None, device: torch.device, ema: bool = True) -> LoadedModel:
+    """Rebuild a U-Net from a diffgen model file; EMA weights unless ``ema`` is False."""
+    path = default_weights() if path is None else Path(path)
+    ckpt = checkpoint.load_model(path)
+    config = UNetConfig.from_dict(ckpt.model_config)
+    schedule = ScheduleConfig(**ckpt.schedule_config)
+    model = UNet(config)
+    weights = ckpt.ema if ema else ckpt.params
+    checkpoint.load_weights_into(model, weights, f"{path} ({'EMA' if ema else 'raw'} weights)")
+    model.to(device).eval()
+    log.info("loaded %s: step %d, %s parameters, %s weights", path, ckpt.step,
+             f"{count_parameters(model):,}", "EMA" if ema else "raw")
+    return LoadedModel(model, GaussianDiffusion(schedule), path, ckpt.step)
+
+
+def class_labels(loaded: LoadedModel, classes: list[int], n: int) -> list[int]:
+    """``n`` labels per requested class (all classes when none are given), grouped by class."""
+    if n < 1:
+        raise DiffgenError(f"--n must be at least 1, got {n}")
+    num_classes = loaded.num_classes
+    for k in classes:
+        if not 0 <= k < num_classes:
+            raise DiffgenError(f"--class {k} is out of range; this model has classes "
+                               f"0..{num_classes - 1}")
+    chosen = classes or list(range(num_classes))
+    return [k for k in chosen for _ in range(n)]
+
+
+def seeds_for(seed: int, count: int) -> list[int]:
+    """Sample i gets seed + i, so a sample is reproduced alone from its own seed."""
+    return [seed + i for i in range(count)]
+
+
+def generate(loaded: LoadedModel, labels: list[int], seeds: list[int], config: SamplerConfig,
+             device: torch.device, precision: Precision, batch_size: int,
+             callback=None) -> torch.Tensor:
+    """Samples [N, C, H, W] in [-1, 1] for each (label, seed)."""
+    return sample(loaded.model, loaded.diffusion, labels, seeds, config, device, precision,
+                  batch_size=batch_size, callback=callback)
+
+
+def frame_indices(num_steps: int, frames: int) -> list[int]:
+    """Which of ``num_steps`` steps to show: ``frames`` of them, evenly spread, last included."""
+    frames = max(1, min(frames, num_steps))
+    return sorted({round(i * (num_steps - 1) / max(frames - 1, 1)) for i in range(frames)})
+
+
+def reverse_trajectory(loaded: LoadedModel, labels: list[int], seeds: list[int],
+                       config: SamplerConfig, device: torch.device, precision: Precision,
+                       frames: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """x_t and x̂_0 of every sample at ``frames`` steps of the reverse chain.
+
+    Returns (x_t frames, x̂_0 frames, timesteps), each frame [N, C, H, W]; the first frame is
+    the starting noise x_T and the last the final samples.
+    """
+    config.check(loaded.diffusion.num_timesteps)
+    steps = timesteps_for(config.steps, loaded.diffusion.num_timesteps - 1)
+    keep = set(frame_indices(len(steps), frames - 1))
+    x_t_frames: list[torch.Tensor] = []
+    x_0_frames: list[torch.Tensor] = []
+    shown: list[int] = []
+
+    def record(state: dict) -> None:
+        if state["i"] in keep:
+            x_t_frames.append(state["x_t"].float().cpu())
+            x_0_frames.append(state["x_0_pred"].float().cpu())
+            shown.append(state["t"])
+
+    x_T = sample_start(loaded, seeds)
+    final = sample(loaded.model, loaded.diffusion, labels, seeds, config, device, precision,
+                   batch_size=len(seeds), callback=record)
+    x_t_frames[-1] = final
+    return [x_T, *x_t_frames], [torch.zeros_like(x_T), *x_0_frames], [steps[0] + 1, *shown]
+
+
+def sample_start(loaded: LoadedModel, seeds: list[int]) -> torch.Tensor:
+    """The starting noise x_T that :func:`sample` draws for these seeds."""
+    shape = (loaded.config.in_channels, *loaded.config.image_size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                        for s in seeds])
+
+
+def forward_trajectory(diffusion: GaussianDiffusion, x_0: torch.Tensor, seeds: list[int],
+                       frames: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Real images x_0 [N, C, H, W] noised by q(x_t | x_0) at ``frames`` evenly spaced t.
+
+    One fixed eps per image, so the frames show a single path from x_0 to nearly pure noise.
+    """
+    eps = torch.stack([torch.randn(x_0.shape[1:], generator=torch.Generator().manual_seed(s))
+                       for s in seeds])
+    last = diffusion.num_timesteps - 1
+    ts = [round(i * last / max(frames - 2, 1)) for i in range(max(frames - 1, 1))]
+    out = [x_0]
+    for t in ts:
+        out.append(diffusion.q_sample(x_0, torch.full((x_0.shape[0],), t, dtype=torch.long),
+                                      eps))
+    return out, [-1, *ts]
+
+
+def strength_to_t(strength: float | None, t: int | None, num_timesteps: int) -> int | None:
+    """The SDEdit start step: strength s in [0, 1] maps to t_0 = round(s (T - 1)).
+
+    Returns None for strength 0 (nothing to do: the input is returned as it is).
+    """
+    if (strength is None) == (t is None):
+        raise DiffgenError("give exactly one of --strength and --t")
+    if t is not None:
+        if not 0 <= t < num_timesteps:
+            raise DiffgenError(f"--t {t} is out of range; this model has t in "
+                               f"0..{num_timesteps - 1}")
+        return t
+    if not 0.0 <= strength <= 1.0:
+        raise DiffgenError(f"--strength must be in [0, 1], got {strength}")
+    if strength == 0.0:
+        return None
+    return round(strength * (num_timesteps - 1))
+
+
+def denoise(loaded: LoadedModel, x_0: torch.Tensor, labels: list[int], seeds: list[int],
+            start: int | None, config: SamplerConfig, device: torch.device,
+            precision: Precision, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDEdit (Meng et al. 2022): noise each x_0 to t_0, then run the reverse chain back.
+
+    The number of steps scales with t_0 (``steps * (t_0 + 1) / T``, at least one); t_0 = T - 1
+    starts from pure noise, not from a faint copy of the input. Returns (noised, denoised).
+    """
+    if start is None:
+        return x_0.clone(), x_0.clone()
+    total = loaded.diffusion.num_timesteps
+    steps = max(1, round(config.steps * (start + 1) / total))
+    run = SamplerConfig(config.method, steps, config.eta, config.variance, config.clip_denoised)
+    pure_noise = start == total - 1
+    noise_start = sample_start(loaded, seeds)
+    if pure_noise:
+        noised = noise_start
+    else:
+        t_batch = torch.full((x_0.shape[0],), start, dtype=torch.long)
+        noised = loaded.diffusion.q_sample(x_0, t_batch, noise_start)
+    out = sample(loaded.model, loaded.diffusion, labels, seeds, run, device, precision,
+                 batch_size=batch_size, x_0=None if pure_noise else x_0, start=start)
+    return noised, out

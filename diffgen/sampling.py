@@ -1,0 +1,214 @@
+"""Reverse samplers: DDPM ancestral sampling and DDIM, on any decreasing list of timesteps.
+
+Both share one loop and one per-step callback that receives a dict with ``i``, ``t``, ``x_t``
+and ``x_0_pred``. A step goes from timestep ``t`` to ``t_prev``, the next entry of the list, or
+to -1 after the last one, where ᾱ_{-1} = 1 so the final step lands on x̂_0.
+
+Notation: the DDIM paper's α_t is our ᾱ_t (``alphas_cumprod``).
+
+Randomness is per sample: sample ``i`` draws its starting noise and every later ``noise`` from
+its own CPU generator seeded by ``seeds[i]``, so its image depends neither on the batch it was
+drawn in nor on the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from diffgen.device import Precision, autocast
+from diffgen.diffusion import GaussianDiffusion, extract
+from diffgen.errors import DiffgenError
+
+Callback = Callable[[dict], None]
+METHODS = ("ddim", "ddpm")
+VARIANCES = ("small", "large")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Which reverse process to run and how."""
+
+    method: str = "ddim"  # "ddim" (Song et al. 2021) or "ddpm" (Ho et al. 2020, algorithm 2)
+    steps: int = 50  # model evaluations; at most T
+    eta: float = 0.0  # DDIM only: 0 is deterministic, 1 matches DDPM's posterior variance
+    variance: str = "small"  # DDPM only: "small" is β̃_t, "large" is β_t
+    clip_denoised: bool = True  # clip x̂_0 to [-1, 1] before each step
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise DiffgenError(f"sampler {self.method!r} is not known; use ddim or ddpm")
+        if self.steps < 1:
+            raise DiffgenError(f"--steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0 or not math.isfinite(self.eta):
+            raise DiffgenError(f"--eta must be in [0, 1], got {self.eta}")
+        if self.method == "ddpm" and self.eta != 0.0:
+            raise DiffgenError("--eta applies to DDIM only; DDPM's variance is set by "
+                               "--variance")
+        if self.variance not in VARIANCES:
+            raise DiffgenError(f"variance {self.variance!r} is not known; use small or large")
+
+    def check(self, num_timesteps: int) -> None:
+        if self.steps > num_timesteps:
+            raise DiffgenError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
+
+
+def timesteps_for(steps: int, start: int) -> list[int]:
+    """``steps`` timesteps from ``start`` down to 0, evenly spaced, strictly decreasing.
+
+    The first is always ``start`` (T - 1 for sampling from noise) and, for steps >= 2, the
+    last is 0; e.g. 50 steps from 999 give 999, 979, 958, ..., 20, 0.
+    """
+    if not 1 <= steps <= start + 1:
+        raise DiffgenError(f"cannot take {steps} steps from t = {start} (at most {start + 1})")
+    values = torch.linspace(start, 0, steps, dtype=torch.float64).round().long().tolist()
+    assert all(a > b for a, b in zip(values, values[1:])), values
+    return values
+
+
+def respace(diffusion: GaussianDiffusion, timesteps: list[int]) -> GaussianDiffusion:
+    """The chain on a subset S of timesteps: β'_i = 1 - ᾱ_{s_i} / ᾱ_{s_{i-1}} (ᾱ before s_0 = 1).
+
+    Improved DDPM section 4; with S = 0..T-1 it is the original chain.
+    """
+    ascending = sorted(timesteps)
+    alphas_cumprod = diffusion.alphas_cumprod[ascending]
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return GaussianDiffusion.from_betas(1.0 - alphas_cumprod / previous, diffusion.config)
+
+
+def ddim_sigma(alpha_bar_t: torch.Tensor, alpha_bar_prev: torch.Tensor, eta: float
+               ) -> torch.Tensor:
+    """DDIM eq. 16: σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev)."""
+    return eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)
+                  ).sqrt()
+
+
+def ddim_step(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int, t_prev: int,
+              eps_pred: torch.Tensor, eta: float, clip_denoised: bool,
+              noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step, eq. 12; returns (x_prev, x̂_0).
+
+    x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ_t²) ε_θ + σ_t noise, where ᾱ_prev = 1
+    for t_prev = -1. When x̂_0 is clipped, ε_θ is recomputed from it so both stay consistent
+    with x_t.
+    """
+    batch = x_t.shape[0]
+    t_batch = torch.full((batch,), t, dtype=torch.long, device=x_t.device)
+
+    # 1. x̂_0 from ε_θ, clipped, and the ε consistent with it
+    x_0_pred = diffusion.predict_x_0(x_t, t_batch, eps_pred)
+    if clip_denoised:
+        x_0_pred = x_0_pred.clamp(-1, 1)
+        eps_pred = diffusion.predict_eps(x_t, t_batch, x_0_pred)
+
+    # 2. ᾱ_t, ᾱ_prev and σ_t(η) in float64, then the update of eq. 12
+    alpha_bar_t = diffusion.alphas_cumprod[t]
+    alpha_bar_prev = (diffusion.alphas_cumprod[t_prev] if t_prev >= 0
+                      else torch.tensor(1.0, dtype=torch.float64))
+    sigma_t = ddim_sigma(alpha_bar_t, alpha_bar_prev, eta)
+    direction = (1 - alpha_bar_prev - sigma_t ** 2).clamp(min=0).sqrt()
+    x_prev = alpha_bar_prev.sqrt().float() * x_0_pred + direction.float() * eps_pred
+    if eta > 0 and t_prev >= 0:
+        x_prev = x_prev + sigma_t.float() * noise
+    return x_prev, x_0_pred
+
+
+def ddpm_step(chain: GaussianDiffusion, x_t: torch.Tensor, i: int, eps_pred: torch.Tensor,
+              variance: str, clip_denoised: bool, noise: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step on a (respaced) chain at index i; returns (x_prev, x̂_0).
+
+    x_prev ~ N(μ̃(x_t, x̂_0), Σ) with μ̃ from DDPM eq. 7 and Σ = β̃_i ("small") or β_i
+    ("large", with β̃_1 in place of β_0 as in Improved DDPM); no noise at i = 0.
+    """
+    i_batch = torch.full((x_t.shape[0],), i, dtype=torch.long, device=x_t.device)
+    x_0_pred = chain.predict_x_0(x_t, i_batch, eps_pred)
+    if clip_denoised:
+        x_0_pred = x_0_pred.clamp(-1, 1)
+    mean, _, log_variance = chain.q_posterior(x_0_pred, x_t, i_batch)
+    if variance == "large":
+        large = torch.cat([chain.posterior_variance[1:2], chain.betas[1:]]).log()
+        log_variance = extract(large, i_batch, x_t.shape)
+    if i == 0:
+        return mean, x_0_pred
+    return mean + (0.5 * log_variance).exp() * noise, x_0_pred
+
+
+class SeededNoise:
+    """One CPU generator per sample; draws [B, C, H, W] with row b from generator b."""
+
+    def __init__(self, seeds: list[int], shape: tuple[int, ...]) -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.shape = shape
+
+    def draw(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+
+
+@torch.inference_mode()
+def denoise_loop(model: torch.nn.Module, diffusion: GaussianDiffusion, x_t: torch.Tensor,
+                 labels: torch.Tensor, timesteps: list[int], config: SamplerConfig,
+                 noise: SeededNoise, precision: Precision, callback: Callback | None = None
+                 ) -> torch.Tensor:
+    """Run the reverse chain from x_t at timesteps[0] to x_0; returns x_0 [B, C, H, W]."""
+    chain = respace(diffusion, timesteps) if config.method == "ddpm" else None
+    needs_noise = config.method == "ddpm" or config.eta > 0
+    for i, t in enumerate(timesteps):
+        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        with autocast(x_t.device, precision):
+            eps_pred = model(x_t, t_batch, labels).float()
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        step_noise = noise.draw().to(x_t.device) if needs_noise and t_prev >= 0 else None
+        if config.method == "ddim":
+            x_t, x_0_pred = ddim_step(diffusion, x_t, t, t_prev, eps_pred, config.eta,
+                                      config.clip_denoised, step_noise)
+        else:
+            x_t, x_0_pred = ddpm_step(chain, x_t, len(timesteps) - 1 - i, eps_pred,
+                                      config.variance, config.clip_denoised, step_noise)
+        if callback is not None:
+            callback({"i": i, "t": t, "x_t": x_t, "x_0_pred": x_0_pred})
+    return x_t
+
+
+def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, labels: list[int],
+           seeds: list[int], config: SamplerConfig, device: torch.device, precision: Precision,
+           batch_size: int = 64, callback: Callback | None = None,
+           x_0: torch.Tensor | None = None, start: int | None = None) -> torch.Tensor:
+    """Draw one image per (label, seed) pair, in batches of at most ``batch_size``.
+
+    From pure noise by default; with ``x_0`` [N, C, H, W] and ``start`` t_0 (SDEdit), each
+    x_0 is first noised to q(x_{t_0} | x_0). The callback sees one batch at a time, with
+    ``batch`` (its index) added. Returns images in [-1, 1], float32 [N, C, H, W] on the CPU.
+    """
+    if len(labels) != len(seeds):
+        raise DiffgenError("one seed is needed per sample")
+    if batch_size < 1:
+        raise DiffgenError(f"--batch-size must be at least 1, got {batch_size}")
+    config.check(diffusion.num_timesteps)
+    start = diffusion.num_timesteps - 1 if start is None else start
+    timesteps = timesteps_for(min(config.steps, start + 1), start)
+    shape = (model.config.in_channels, *model.config.image_size)
+    model.eval()
+    outputs = []
+    for batch, begin in enumerate(range(0, len(seeds), batch_size)):
+        end = min(begin + batch_size, len(seeds))
+        noise = SeededNoise(seeds[begin:end], shape)
+        eps = noise.draw()
+        if x_0 is None:
+            x_t = eps
+        else:
+            t_batch = torch.full((end - begin,), start, dtype=torch.long)
+            x_t = diffusion.q_sample(x_0[begin:end].float(), t_batch, eps)
+        batch_labels = torch.tensor(labels[begin:end], dtype=torch.long, device=device)
+
+        def batch_callback(state: dict, batch: int = batch) -> None:
+            callback({**state, "batch": batch})
+
+        outputs.append(denoise_loop(model, diffusion, x_t.to(device), batch_labels, timesteps,
+                                    config, noise, precision,
+                                    batch_callback if callback else None).cpu())
+    return torch.cat(outputs)
