@@ -262,7 +262,7 @@ class Trainer:
                         on_step(stats)
                     if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                         self.write_log(log_file, stats, elapsed)
-                    if self.step % self.config.checkpoint_every == 0:
+                    if self.step % self.config.checkpoint_every == 0 and nan_run == 0:
                         self.save()
                         saved = self.step
         except KeyboardInterrupt:

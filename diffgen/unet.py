@@ -25,8 +25,8 @@ class UNetConfig:
 
     image_size: tuple[int, int] = (28, 28)  # (H, W) of the images
     in_channels: int = 1  # 1 for grayscale, 3 for RGB
-    base_channels: int = 32  # channels at full resolution
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # channels per level = base * mult; one x2 down each
+    base_channels: int = 24  # channels at full resolution
+    channel_mult: tuple[int, ...] = (1, 2, 4)  # channels per level = base * mult; one x2 down each
     num_res_blocks: int = 1  # residual blocks per level on the way down (one more on the way up)
     attention_resolutions: tuple[int, ...] = (7,)  # feature-map heights that get self-attention
     num_groups: int = 8  # GroupNorm groups; must divide every channel count
@@ -115,8 +115,9 @@ class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are computed in float32, so half precision cannot overflow."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.group_norm(h.float(), self.num_groups, self.weight, self.bias,
-                            self.eps).to(h.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(h.float(), self.num_groups, weight, bias, self.eps).to(h.dtype)
 
 
 class ResBlock(nn.Module):
