@@ -389,7 +389,8 @@ def format_report(report: dict) -> str:
                  f"{dg['train_images_per_s_bf16']:.1f} img/s")
     lines.append(f"diffgen bf16 sampler reaches {dg['bf16_peak_share']:.1%} of the bf16 matmul "
                  "peak")
-    lines.append("ratio = diffgen img/s / diffusers img/s (above 1: diffgen is faster)")
+    if ratio:
+        lines.append("ratio = diffgen img/s / diffusers img/s (above 1: diffgen is faster)")
     return "\n".join(lines)
 
 

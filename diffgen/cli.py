@@ -117,7 +117,8 @@ def train(
     data: Annotated[str, typer.Option(help="packaged (the 10k MNIST split inside diffgen), "
                                            "mnist (full 60k, downloaded once) or a folder "
                                            "with one sub-folder per class.")] = "packaged",
-    steps: Annotated[Optional[int], typer.Option(help="Total optimizer steps.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Total optimizer steps [default: "
+                                                      "10000].")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Train for this many epochs instead "
                                                        "of --steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
@@ -427,7 +428,8 @@ def denoise_cmd(
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for one result per input, "
                                                     "under the input's name.")] = None,
     strength: Annotated[Optional[float], typer.Option(help="How far to noise, 0 (keep the "
-                                                      "input) to 1 (pure noise).")] = None,
+                                                      "input) to 1 (pure noise) [default: "
+                                                      "0.5].")] = None,
     t: Annotated[Optional[int], typer.Option("--t", help="Noise to this timestep instead of "
                                                          "--strength.")] = None,
     strip: Annotated[bool, typer.Option("--strip", help="Write input, noised and denoised "

@@ -123,7 +123,8 @@ def train_judge(dataset: Dataset, train_count: int = TRAIN_COUNT, epochs: int = 
     Returns (model in eval mode, held-out accuracy, held-out accuracy per class).
     """
     if dataset.images.shape[1:] != (1, 28, 28):
-        raise DiffgenError(f"the judge needs 1x28x28 digits, got {tuple(dataset.images.shape[1:])}")
+        raise DiffgenError("the judge needs 1x28x28 digits, got "
+                           f"{tuple(dataset.images.shape[1:])}")
     if not 0 < train_count < len(dataset):
         raise DiffgenError(f"train_count must be in 1..{len(dataset) - 1}, got {train_count}")
     if epochs < 1:
@@ -152,7 +153,7 @@ def train_judge(dataset: Dataset, train_count: int = TRAIN_COUNT, epochs: int = 
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss) * index.numel()
+            total_loss += loss.item() * index.numel()
         accuracy = float((predict(model, x_test) == y_test).float().mean())
         log.info("judge epoch %d/%d: loss %.4f, held-out accuracy %.4f (%.1f s)", epoch + 1,
                  epochs, total_loss / train_count, accuracy, time.perf_counter() - tic)
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="Where to write the judge.")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
     parser.add_argument("--seed", type=int, default=0)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -211,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         save_judge(model, args.out, {
             "accuracy": f"{accuracy:.4f}", "per_class_accuracy": per_class,
             "train": "packaged MNIST digits 0..7999", "test": "packaged MNIST digits 8000..9999",
-            "epochs": args.epochs, "seed": args.seed, "torch": torch.__version__,
+            "epochs": args.epochs, "seed": args.seed, "seconds": round(seconds),
+            "command": " ".join(["python -m diffgen.judge", *argv]),
+            "torch": torch.__version__,
         })
     except DiffgenError as err:
         print(f"Error: {err}", file=sys.stderr)

@@ -216,7 +216,7 @@ def test_real_mnist_files_verify_by_decompressed_checksum(
         names[0]: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
         names[1]: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
     })
-    packaged = Path(mnist_download.__file__).parent / "data" / "mnist"
+    packaged = Path(mnist_download.__file__).parent / "assets" / "mnist"
     cache = tmp_path / "cache"
     cache.mkdir()
     for name in names:

@@ -1,0 +1,163 @@
+"""The command line: exit codes, messages, --json, and all four commands end to end."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from diffgen import __version__
+from diffgen.cli import app
+
+
+@pytest.fixture(scope="module")
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run(runner, *args):
+    return runner.invoke(app, ["--quiet", *map(str, args)])
+
+
+def test_version(runner):
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"diffgen {__version__}"
+
+
+def test_end_to_end_on_real_digits(runner, tmp_path):
+    """Train a tiny model on 32 real digits, then sample, draw the path and denoise."""
+    folder = tmp_path / "digits"
+    from diffgen.data import packaged_mnist
+    from diffgen.images import save_image
+
+    digits = packaged_mnist()
+    picks = [int(i) for k in range(10) for i in (digits.labels == k).nonzero()[:4, 0]]
+    for i in picks:
+        label = int(digits.labels[i])
+        (folder / str(label)).mkdir(parents=True, exist_ok=True)
+        save_image(digits.images[i].float() / 127.5 - 1, folder / str(label) / f"{i}.png")
+
+    out = tmp_path / "run"
+    result = run(runner, "train", "--data", folder, "--out", out, "--steps", 3,
+                 "--batch-size", 8, "--base-channels", 8, "--channel-mult", "1,2",
+                 "--attention-resolutions", "14", "--groups", 4, "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["step"] == 3 and (out / "model.safetensors").is_file()
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+    weights = out / "model.safetensors"
+
+    result = run(runner, "sample", "--weights", weights, "--class", 3, "--class", 5, "--n", 4,
+                 "--steps", 3, "-o", tmp_path / "grid.png", "--out-dir", tmp_path / "each",
+                 "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["classes"] == [3] * 4 + [5] * 4 and record["seeds"] == list(range(8))
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.mode == "L" and grid.size == (4 * 30 + 2, 2 * 30 + 2)
+    names = sorted(p.name for p in (tmp_path / "each").iterdir())
+    assert names[0] == "0000_class3_seed0.png" and names[-1] == "0007_class5_seed7.png"
+
+    result = run(runner, "trajectory", "--weights", weights, "-o", tmp_path / "path.gif",
+                 "--steps", 5, "--frames", 6, "--frame-ms", 50, "--hold-ms", 0, "--show-x0")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "path.gif") as gif:
+        assert gif.size == (2 * (10 * 30 + 2), 32)
+        durations = []
+        for index in range(gif.n_frames):
+            gif.seek(index)
+            durations.append(gif.info["duration"])
+        assert sum(durations) == 6 * 50
+
+    result = run(runner, "trajectory", "--weights", weights, "-o", tmp_path / "fwd.png",
+                 "--forward", "--frames", 4, "--class", 7)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "fwd.png") as strip:
+        assert strip.size == (4 * 32, 32)
+
+    digit = folder / "7" / "0.png"
+    result = run(runner, "denoise", digit, "--weights", weights, "--strength", 0.6,
+                 "-o", tmp_path / "clean.png", "--strip")
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "clean.png") as image:
+        assert image.size == (3 * 30 + 2, 32) and image.mode == "L"
+
+    other = tmp_path / "copy.png"
+    shutil.copy(digit, other)
+    result = run(runner, "denoise", digit, other, "--weights", weights, "--strength", 0,
+                 "--out-dir", tmp_path / "denoised")
+    assert result.exit_code == 0, result.output
+    with Image.open(digit) as original, Image.open(tmp_path / "denoised" / "0.png") as kept:
+        assert original.tobytes() == kept.tobytes()  # strength 0 returns the input
+    assert (tmp_path / "denoised" / "copy.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--class", "12", "-o", "{tmp}/x.png"], "--class 12 is out of range"),
+    (["sample", "--steps", "1001", "-o", "{tmp}/x.png"], "--steps 1001 exceeds the model's T"),
+    (["sample", "--precision", "fp16", "--device", "cpu", "-o", "{tmp}/x.png"],
+     "fp16 is not supported on the CPU"),
+    (["sample", "--device", "tpu", "-o", "{tmp}/x.png"], "--device 'tpu'"),
+    (["sample", "-o", "{tmp}/x.jpg"], "must end in .png"),
+    (["sample", "--weights", "{tmp}/none.safetensors", "-o", "{tmp}/x.png"], "does not exist"),
+    (["sample", "--weights", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"],
+     "not a readable safetensors file"),
+    (["sample", "--out-dir", "{tmp}/blocker/sub"], "cannot create folder"),
+    (["denoise", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"], "cannot read image"),
+    (["denoise", "{tmp}/missing.png", "-o", "{tmp}/x.png"], "does not exist"),
+    (["denoise", "{tmp}/img.png", "--strength", "1.5", "-o", "{tmp}/x.png"],
+     "--strength must be in [0, 1]"),
+    (["trajectory", "-o", "{tmp}/x.gif", "--frame-ms", "5"], "--frame-ms must be at least 20"),
+    (["train", "--out", "{tmp}/run", "--data", "{tmp}/nowhere"], "nowhere"),
+    (["train", "--out", "{tmp}/run", "--base-channels", "24", "--groups", "32"],
+     "level 0 has 24 channels"),
+    (["train", "--out", "{tmp}/run", "--resume"], "no checkpoint"),
+])
+def test_user_errors_exit_1_with_one_line(runner, tmp_path, tiny_model, args, message):
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    shutil.copy(tiny_model.parent / "model.safetensors", tmp_path / "tiny.safetensors")
+    from diffgen.images import save_image
+    import torch
+
+    save_image(torch.zeros(1, 28, 28), tmp_path / "img.png")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if args[0] != "train" and "--weights" not in args:
+        args += ["--weights", str(tmp_path / "tiny.safetensors")]
+    result = run(runner, *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["sample", "--n", "x", "-o", "a.png"], ["sample"], ["sample", "--bogus"],
+    ["denoise", "a.png", "b.png", "-o", "c.png"], ["train"],
+    ["train", "--out", "r", "--resume", "--lr", "0.1"]])
+def test_usage_errors_exit_2(runner, args):
+    assert run(runner, *args).exit_code == 2
+
+
+def test_json_output_is_the_only_stdout(runner, tmp_path, tiny_model):
+    result = runner.invoke(app, ["sample", "--weights", str(tiny_model), "--n", "1",
+                                 "--class", "0", "--steps", "2", "-o", str(tmp_path / "a.png"),
+                                 "--json"])
+    assert result.exit_code == 0
+    record = json.loads(result.stdout)
+    assert record["files"] == [str(tmp_path / "a.png")] and record["precision"] in ("fp32",
+                                                                                     "bf16")
+
+
+def test_resume_continues_a_run(runner, tmp_path, few_digits):
+    out = tmp_path / "run"
+    common = ["--base-channels", "8", "--channel-mult", "1,2", "--attention-resolutions", "14",
+              "--groups", "4", "--batch-size", "8"]
+    assert run(runner, "train", "--out", out, "--steps", 2, *common).exit_code == 0
+    again = run(runner, "train", "--out", out, "--steps", 2, *common)
+    assert again.exit_code == 1 and "already holds a model" in again.stderr
+    result = run(runner, "train", "--out", out, "--resume", "--steps", 4, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["step"] == 4

@@ -1,0 +1,131 @@
+"""evaluate_samples on real digits, pure noise and hand-made images; the quality entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffgen.data import Dataset
+from diffgen.errors import DiffgenError
+from diffgen.judge import TRAIN_COUNT, Judge, load_judge, to_unit_range
+from diffgen.quality import (evaluate_samples, format_table, held_out_digits, main,
+                             mean_pairwise_distance)
+
+
+@pytest.fixture(scope="module")
+def judge() -> Judge:
+    return load_judge()
+
+
+@pytest.fixture(scope="module")
+def held_out() -> Dataset:
+    return held_out_digits()
+
+
+def subset(data: Dataset, start: int, stop: int) -> Dataset:
+    return Dataset(data.images[start:stop], data.labels[start:stop], data.class_names, "part")
+
+
+def test_held_out_digits_are_the_last_2000(held_out: Dataset, digits: Dataset) -> None:
+    assert len(held_out) == 2000
+    assert torch.equal(held_out.images, digits.images[TRAIN_COUNT:])
+
+
+def test_real_held_out_digits_score_like_real_digits(judge: Judge, held_out: Dataset) -> None:
+    # one half of the held-out digits plays the samples, the other half the reference
+    samples, reference = subset(held_out, 0, 1000), subset(held_out, 1000, 2000)
+    result = evaluate_samples(to_unit_range(samples.images), samples.labels.tolist(), judge,
+                              reference)
+    assert result["n"] == 1000 and len(result["per_class"]) == 10
+    assert result["accuracy"] >= 0.98
+    assert result["min_class_accuracy"] >= 0.95
+    for entry in result["per_class"]:
+        assert entry["n"] == int((samples.labels == entry["class"]).sum())
+        assert 0.8 <= entry["diversity_ratio"] <= 1.2, entry
+        assert 5.0 < entry["diversity"] < 15.0 and 5.0 < entry["real_diversity"] < 15.0
+    assert sum(result["predicted_counts"]) == 1000
+
+
+def test_a_set_against_itself_has_ratio_exactly_one(judge: Judge, held_out: Dataset) -> None:
+    part = subset(held_out, 0, 300)
+    result = evaluate_samples(to_unit_range(part.images), part.labels.tolist(), judge, part)
+    for entry in result["per_class"]:
+        assert entry["diversity"] == pytest.approx(entry["real_diversity"], rel=1e-6)
+        assert entry["diversity_ratio"] == pytest.approx(1.0, rel=1e-6)
+    assert result["mean_diversity_ratio"] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_pure_noise_is_near_chance_and_too_diverse(judge: Judge, held_out: Dataset) -> None:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(500, 1, 28, 28, generator=generator).clamp(-1, 1)
+    labels = [k for k in range(10) for _ in range(50)]
+    result = evaluate_samples(noise, labels, judge, held_out)
+    assert result["accuracy"] < 0.3
+    # E[clamp(z, -1, 1)^2] = 1 - 2 phi(1), so two noise images lie about
+    # sqrt(784 * 2 * (1 - 2 phi(1))) = 28.45 apart; real digits of a class lie about 10 apart.
+    phi_1 = math.exp(-0.5) / math.sqrt(2 * math.pi)
+    expected = math.sqrt(784 * 2 * (1 - 2 * phi_1))
+    assert expected == pytest.approx(28.446, abs=1e-3)
+    for entry in result["per_class"]:
+        assert entry["diversity"] == pytest.approx(expected, abs=0.3)
+        assert entry["diversity_ratio"] > 2.0
+
+
+def test_hand_made_distances() -> None:
+    black = -torch.ones(1, 1, 28, 28)
+    white = torch.ones(1, 1, 28, 28)
+    assert mean_pairwise_distance(torch.cat([black, white])) == pytest.approx(56.0)
+    # three images: distances 56, 28, 28 (gray 0 sits halfway)
+    three = torch.cat([black, white, torch.zeros(1, 1, 28, 28)])
+    assert mean_pairwise_distance(three) == pytest.approx(112.0 / 3)
+    assert mean_pairwise_distance(black) is None
+
+
+def test_hand_made_ratio_and_single_samples(judge: Judge) -> None:
+    real = Dataset(torch.tensor([0, 255], dtype=torch.uint8).repeat_interleave(784)
+                   .reshape(2, 1, 28, 28), torch.tensor([3, 3]), [str(i) for i in range(10)],
+                   "black and white threes")
+    samples = torch.cat([-torch.ones(2, 1, 28, 28), torch.zeros(1, 1, 28, 28)])
+    result = evaluate_samples(samples, [3, 3, 5], judge, real)
+    three, five = result["per_class"]
+    assert (three["class"], three["n"], five["class"], five["n"]) == (3, 2, 5, 1)
+    assert three["diversity"] == 0.0 and three["real_diversity"] == pytest.approx(56.0)
+    assert three["diversity_ratio"] == 0.0
+    assert five["diversity"] is None and five["diversity_ratio"] is None
+    assert result["mean_diversity_ratio"] == 0.0
+    assert "-" in format_table(result)
+
+
+def test_bad_inputs(judge: Judge, held_out: Dataset) -> None:
+    x = torch.zeros(4, 1, 28, 28)
+    with pytest.raises(DiffgenError, match="labels"):
+        evaluate_samples(x, [0, 1, 2], judge, held_out)
+    with pytest.raises(DiffgenError, match=r"\[N, 1, 28, 28\]"):
+        evaluate_samples(torch.zeros(4, 3, 28, 28), [0] * 4, judge, held_out)
+    with pytest.raises(DiffgenError, match="0..9"):
+        evaluate_samples(x, [0, 1, 2, 10], judge, held_out)
+
+
+def test_entry_point_json(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["--weights", str(tiny_model), "--n", "2", "--steps", "2", "--json",
+                 "--device", "cpu", "--precision", "fp32", "--batch-size", "8"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 20 and result["n_per_class"] == 2 and result["sampler"] == "ddim"
+    assert [entry["class"] for entry in result["per_class"]] == list(range(10))
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_entry_point_table_and_errors(tiny_model: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture) -> None:
+    code = main(["--weights", str(tiny_model), "--n", "1", "--steps", "1", "--ddpm",
+                 "--device", "cpu", "--precision", "fp32"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "overall accuracy" in out and out.count("\n") == 14
+    assert main(["--weights", str(tmp_path / "missing.safetensors"), "--n", "1"]) == 1
+    assert "Error:" in capsys.readouterr().err
