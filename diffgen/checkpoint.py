@@ -9,17 +9,15 @@ to a temporary name and renamed into place, so a crash mid-write never replaces 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
 from diffgen.errors import DiffgenError
+from diffgen.files import atomic_write
 
 FORMAT = "diffgen-1"
 MODEL_FILE = "model.safetensors"
@@ -40,25 +38,9 @@ class Checkpoint:
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
     """Write a safetensors file under a temporary name in the same folder, then rename it."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-    except OSError as err:
-        raise DiffgenError(f"cannot write to {path.parent}: {err.strerror}") from None
-    try:
-        # clone: safetensors refuses tensors sharing storage, and the caller's stay untouched.
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-                  tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise DiffgenError(f"cannot write {path}: {err.strerror}") from None
-        raise
+    # clone: safetensors refuses tensors sharing storage, and the caller's stay untouched.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

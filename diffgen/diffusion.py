@@ -97,9 +97,11 @@ class GaussianDiffusion:
         self.posterior_variance = (
             betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         )
-        # β̃_0 = 0, so the log is clipped to β̃_1 to stay finite.
+        # β̃_0 = 0, so the log is clipped to β̃_1 to stay finite (to β_0 on a one-step chain,
+        # whose only step adds no noise).
+        first = self.posterior_variance[1:2] if len(betas) > 1 else betas[:1]
         self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+            torch.cat([first, self.posterior_variance[1:]])
         )
         self.posterior_mean_coef1 = (
             betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)

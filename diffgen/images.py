@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffgen.errors import DiffgenError
+from diffgen.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +74,12 @@ def save_atomic(image: Image.Image | list[Image.Image], path: Path, **params) ->
     path = Path(path)
     fmt = {".png": "PNG", ".gif": "GIF"}[path.suffix.lower()]
     frames = image if isinstance(image, list) else [image]
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            if len(frames) > 1:
-                frames[0].save(f, format=fmt, save_all=True, append_images=frames[1:],
-                               **params)
-            else:
-                frames[0].save(f, format=fmt, **params)
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise DiffgenError(f"cannot write {path}: {err.strerror or err}") from None
-    return path
+
+    def write(tmp: Path) -> None:
+        extra = dict(save_all=True, append_images=frames[1:]) if len(frames) > 1 else {}
+        frames[0].save(tmp, format=fmt, **extra, **params)
+
+    return atomic_write(path, write)
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int) -> Path:

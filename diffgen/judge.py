@@ -15,7 +15,6 @@ import logging
 import math
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 from diffgen import checkpoint
 from diffgen.data import Dataset, packaged_mnist
 from diffgen.errors import DiffgenError
+from diffgen.shipped import shipped_file
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,11 @@ class Judge(nn.Module):
 
 def default_judge_path() -> Path:
     """The judge shipped with diffgen (inside the installed package or the source tree)."""
-    return Path(str(resources.files("diffgen.weights") / JUDGE_FILE))
+    try:
+        return shipped_file(JUDGE_FILE)
+    except DiffgenError:
+        raise DiffgenError(f"the shipped judge {JUDGE_FILE} is missing; reinstall diffgen, pass "
+                           "--judge, or train one with python -m diffgen.judge") from None
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -154,11 +158,11 @@ def train_judge(dataset: Dataset, train_count: int = TRAIN_COUNT, epochs: int = 
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * index.numel()
-        accuracy = float((predict(model, x_test) == y_test).float().mean())
+        accuracy = float((predict(model, x_test) == y_test).double().mean())
         log.info("judge epoch %d/%d: loss %.4f, held-out accuracy %.4f (%.1f s)", epoch + 1,
                  epochs, total_loss / train_count, accuracy, time.perf_counter() - tic)
     predicted = predict(model, x_test)
-    accuracy = float((predicted == y_test).float().mean())
+    accuracy = float((predicted == y_test).double().mean())
     return model.eval(), accuracy, per_class_accuracy(predicted, y_test)
 
 

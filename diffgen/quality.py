@@ -78,7 +78,7 @@ def evaluate_samples(samples: torch.Tensor, labels: list[int], judge: torch.nn.M
         per_class.append({
             "class": k,
             "n": int(mask.sum()),
-            "accuracy": float((predicted[mask] == k).float().mean()),
+            "accuracy": float((predicted[mask] == k).double().mean()),
             "diversity": own,
             "real_diversity": real,
             "diversity_ratio": own / real if own is not None and real else None,
@@ -88,7 +88,7 @@ def evaluate_samples(samples: torch.Tensor, labels: list[int], judge: torch.nn.M
               if entry["diversity_ratio"] is not None]
     return {
         "n": len(labels),
-        "accuracy": float((predicted == label_tensor).float().mean()),
+        "accuracy": float((predicted == label_tensor).double().mean()),
         "min_class_accuracy": worst["accuracy"],
         "min_class": worst["class"],
         "mean_diversity_ratio": sum(ratios) / len(ratios) if ratios else None,
@@ -142,7 +142,7 @@ def measure(weights: Path | None, n: int, steps: int, ddpm: bool, seed: int, bat
     seconds = time.perf_counter() - tic
     result = evaluate_samples(samples, labels, judge, held_out_digits())
     return {"weights": str(loaded.path), "step": loaded.step, "sampler": config.method,
-            "steps": steps, "eta": 0.0, "n_per_class": n, "seed": seed,
+            "steps": steps, "eta": config.eta, "n_per_class": n, "seed": seed,
             "device": str(device), "precision": precision.name,
             "sampling_seconds": round(seconds, 2), **result}
 

@@ -131,7 +131,7 @@ def ddpm_step(chain: GaussianDiffusion, x_t: torch.Tensor, i: int, eps_pred: tor
         x_0_pred = x_0_pred.clamp(-1, 1)
     mean, _, log_variance = chain.q_posterior(x_0_pred, x_t, i_batch)
     if variance == "large":
-        large = torch.cat([chain.posterior_variance[1:2], chain.betas[1:]]).log()
+        large = torch.cat([chain.posterior_log_variance_clipped[:1], chain.betas[1:].log()])
         log_variance = extract(large, i_batch, x_t.shape)
     if i == 0:
         return mean, x_0_pred

@@ -76,3 +76,15 @@ def test_load_image_round_trip(tmp_path):
     with pytest.raises(DiffgenError, match="cannot read image"):
         (tmp_path / "bad.png").write_bytes(b"not a png")
         images.load_image(tmp_path / "bad.png", 1, (28, 28))
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = images.save_image(torch.zeros(1, 4, 4), tmp_path / "p.png")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["p.png"]

@@ -187,3 +187,16 @@ def test_callback_sees_each_step(linear):
 def test_bad_sampler_config(kwargs, message):
     with pytest.raises(DiffgenError, match=message):
         SamplerConfig(**kwargs)
+
+
+@pytest.mark.parametrize("method, variance", [("ddpm", "small"), ("ddpm", "large"),
+                                              ("ddim", "small")])
+def test_a_single_step_lands_on_x_0_pred(linear, method, variance):  # T1 with N = 1
+    model = RecordingModel(eps_value=0.0)
+    out = sampling.sample(model, linear, [0], [3], SamplerConfig(method, 1, variance=variance),
+                          CPU, FP32)
+    x_T = sampling.SeededNoise([3], (1, 28, 28)).draw()
+    assert model.calls == [[999]]
+    # eps = 0: x̂_0 = x_T / sqrt(ᾱ_999), clipped; one step to ᾱ = 1 returns it.
+    expected = (x_T / linear.alphas_cumprod[999].sqrt()).clamp(-1, 1).float()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
