@@ -253,11 +253,17 @@ RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead
                                                     "weights.")]
 
 
-def sampler_config(steps: int, ddim: bool, eta: float, variance: str):
+def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: Path | None, raw: bool,
+            device: str, precision: str):
+    """The sampler config, device, precision and loaded model every sampling command needs."""
+    from diffgen import device as devices
+    from diffgen import pipeline
     from diffgen.sampling import SamplerConfig
 
-    return SamplerConfig(method="ddim" if ddim else "ddpm", steps=steps, eta=eta,
-                         variance=variance)
+    config = SamplerConfig(method="ddim" if ddim else "ddpm", steps=steps, eta=eta,
+                           variance=variance)
+    dev, prec = devices.resolve(device, precision)
+    return config, dev, prec, pipeline.load(weights, dev, ema=not raw)
 
 
 class step_progress:  # noqa: N801
@@ -300,7 +306,6 @@ def sample_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Sample digits: a PNG grid with -o, one PNG per sample with --out-dir."""
-    from diffgen import device as devices
     from diffgen import images, pipeline
 
     if out is None and out_dir is None:
@@ -309,9 +314,8 @@ def sample_cmd(
         images.check_output(out, (".png",))
     if out_dir is not None:
         images.check_folder(out_dir)
-    config = sampler_config(steps, ddim, eta, variance)
-    dev, prec = devices.resolve(device, precision)
-    loaded = pipeline.load(weights, dev, ema=not raw)
+    config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
+                                        precision)
     labels = pipeline.class_labels(loaded, classes or [], n)
     seeds = pipeline.seeds_for(seed, len(labels))
     batches = -(-len(labels) // batch_size) if batch_size > 0 else 1
@@ -365,7 +369,6 @@ def trajectory(
     """Draw the diffusion path of a grid of samples as a GIF (or a PNG strip)."""
     import torch
 
-    from diffgen import device as devices
     from diffgen import images, pipeline
 
     images.check_output(out, (".gif", ".png"))
@@ -376,9 +379,8 @@ def trajectory(
     if forward and show_x0:
         raise typer.BadParameter("--show-x0 applies to the reverse path only",
                                  param_hint="--show-x0")
-    config = sampler_config(steps, ddim, eta, variance)
-    dev, prec = devices.resolve(device, precision)
-    loaded = pipeline.load(weights, dev, ema=not raw)
+    config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
+                                        precision)
     labels = pipeline.class_labels(loaded, classes or [], n)
     seeds = pipeline.seeds_for(seed, len(labels))
     ncol = n if len(set(labels)) > 1 else min(len(labels), 8)
@@ -452,7 +454,6 @@ def denoise_cmd(
     """Noise images part of the way and denoise them back (SDEdit)."""
     import torch
 
-    from diffgen import device as devices
     from diffgen import images, pipeline
 
     if (out is None) == (out_dir is None):
@@ -467,9 +468,8 @@ def denoise_cmd(
         images.check_output(out, (".png",))
     else:
         images.check_folder(out_dir)
-    config = sampler_config(steps, ddim, eta, variance)
-    dev, prec = devices.resolve(device, precision)
-    loaded = pipeline.load(weights, dev, ema=not raw)
+    config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
+                                        precision)
     start = pipeline.strength_to_t(strength, t, loaded.diffusion.num_timesteps)
     if classes is not None:
         pipeline.class_labels(loaded, [classes], 1)
