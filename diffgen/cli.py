@@ -19,14 +19,16 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from diffgen import __version__
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
+from diffgen.files import check_folder
 
 stderr = Console(stderr=True)
 log = logging.getLogger("diffgen")
 
 
 class DiffgenGroup(typer.core.TyperGroup):
-    """Turns a DiffgenError anywhere below into a one-line message and exit code 1."""
+    """Turns a DiffgenError anywhere below into a one-line message: exit 2 for an invalid
+    setting (a usage error), 1 for any other failure."""
 
     def invoke(self, ctx: typer.Context):
         try:
@@ -34,7 +36,7 @@ class DiffgenGroup(typer.core.TyperGroup):
         except DiffgenError as err:
             stderr.print(f"Error: {err}", style="red", markup=False, highlight=False,
                          soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2 if isinstance(err, InvalidSetting) else 1) from None
 
 
 app = typer.Typer(cls=DiffgenGroup, add_completion=False, no_args_is_help=True,
@@ -42,10 +44,29 @@ app = typer.Typer(cls=DiffgenGroup, add_completion=False, no_args_is_help=True,
                   help="Train and sample class-conditional diffusion models for small images.")
 
 
+class StderrHandler(logging.Handler):
+    """Plain log lines to whatever ``sys.stderr`` is when the record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # a logging failure must never stop a command
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool, quiet: bool) -> None:
+    """diffgen's own loggers at INFO (DEBUG with --verbose, WARNING with --quiet) on stderr;
+    rich formatting on a terminal, plain unwrapped lines otherwise."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = RichHandler(console=stderr, show_time=False, show_path=False, markup=False)
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    if stderr.is_terminal:
+        handler: logging.Handler = RichHandler(console=stderr, show_time=False, show_path=False,
+                                               markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("diffgen").setLevel(level)
 
 
 def version_callback(value: bool) -> None:
@@ -71,7 +92,7 @@ def main_options(
 
 
 def show_progress() -> bool:
-    return logging.getLogger().level <= logging.INFO and stderr.is_terminal
+    return logging.getLogger("diffgen").getEffectiveLevel() <= logging.INFO and stderr.is_terminal
 
 
 def emit_json(enabled: bool, payload: dict) -> None:
@@ -81,8 +102,10 @@ def emit_json(enabled: bool, payload: dict) -> None:
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
     """'1,2,4' -> (1, 2, 4); an empty string gives ()."""
+    if not text.strip():
+        return ()
     try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(int(v) for v in text.split(","))
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a comma-separated list of integers",
                                  param_hint=option) from None
@@ -117,9 +140,9 @@ def train(
     data: Annotated[str, typer.Option(help="packaged (the 10k MNIST split inside diffgen), "
                                            "mnist (full 60k, downloaded once) or a folder "
                                            "with one sub-folder per class.")] = "packaged",
-    steps: Annotated[Optional[int], typer.Option(help="Total optimizer steps [default: "
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Total optimizer steps [default: "
                                                       "10000].")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Train for this many epochs instead "
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Train for this many epochs instead "
                                                        "of --steps.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
     lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
@@ -163,6 +186,7 @@ def train(
             raise typer.BadParameter(
                 f"--{fixed[0].replace('_', '-')} cannot change on --resume; the run's saved "
                 "configs are used", param_hint="--resume")
+    check_folder(out)
     dev, prec = devices.resolve(device, precision)
     if resume:
         trainer = resume_trainer(out, dev, prec, steps=steps, epochs=epochs,
@@ -179,13 +203,15 @@ def train(
         if (out / "model.safetensors").exists():
             raise DiffgenError(f"{out} already holds a model; use --resume to continue it or "
                                "choose another --out")
+        if data not in ("packaged", "mnist"):
+            data = str(Path(data).resolve())  # a resumed run finds it from any folder
         dataset = load_dataset(data, size, channels)
         model_config = UNetConfig(**{**model_config.to_dict(),
                                      "num_classes": dataset.num_classes})
         train_config = TrainConfig(
             data=data, steps=steps_for(steps, epochs, len(dataset), batch_size),
             batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, ema_decay=ema_decay,
-            checkpoint_every=checkpoint_every or 1000, seed=seed)
+            checkpoint_every=1000 if checkpoint_every is None else checkpoint_every, seed=seed)
         trainer = Trainer(model_config, schedule_config, train_config, dataset, out, dev, prec)
     tic = time.perf_counter()
     try:
@@ -195,6 +221,8 @@ def train(
         stderr.print(f"interrupted at step {trainer.step}; checkpoint saved in {out}",
                      style="yellow")
         raise typer.Exit(130) from None
+    if not json_out:
+        typer.echo(trainer.model_path)
     emit_json(json_out, {"out": str(out), "model": str(trainer.model_path),
                          "step": final_step, "seconds": round(time.perf_counter() - tic, 2)})
 
@@ -239,14 +267,17 @@ class train_progress:  # noqa: N801 - used as a context manager, reads like a fu
 
 WeightsOpt = Annotated[Optional[Path], typer.Option(
     help="Model file from diffgen train [default: the shipped MNIST model].")]
-StepsOpt = Annotated[int, typer.Option(help="Sampler steps (model evaluations), at most T.")]
+StepsOpt = Annotated[int, typer.Option(min=1, help="Sampler steps (model evaluations), at most "
+                                                         "T.")]
 DdimOpt = Annotated[bool, typer.Option("--ddim/--ddpm", help="DDIM (default) or DDPM "
                                                               "ancestral sampling.")]
-EtaOpt = Annotated[float, typer.Option(help="DDIM noise: 0 deterministic, 1 DDPM-like.")]
+EtaOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM noise: 0 deterministic, "
+                                                                "1 DDPM-like.")]
 VarianceOpt = Annotated[str, typer.Option(help="DDPM variance: small (posterior) or large "
                                                "(beta).")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")]
-BatchOpt = Annotated[int, typer.Option(help="Largest batch sent through the model at once.")]
+BatchOpt = Annotated[int, typer.Option(min=1, help="Largest batch sent through the model at "
+                                                        "once.")]
 ClassOpt = Annotated[Optional[list[int]], typer.Option(
     "--class", "-c", help="Class to sample; repeat for several [default: all classes].")]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead of the EMA "
@@ -292,7 +323,7 @@ def sample_cmd(
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for one PNG per sample, "
                                                     "named index_class_seed.png.")] = None,
     classes: ClassOpt = None,
-    n: Annotated[int, typer.Option("--n", "-n", help="Samples per class.")] = 8,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples per class.")] = 8,
     steps: StepsOpt = 50,
     ddim: DdimOpt = True,
     eta: EtaOpt = 0.0,
@@ -313,12 +344,13 @@ def sample_cmd(
     if out is not None:
         images.check_output(out, (".png",))
     if out_dir is not None:
-        images.check_folder(out_dir)
+        check_folder(out_dir)
     config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
                                         precision)
     labels = pipeline.class_labels(loaded, classes or [], n)
     seeds = pipeline.seeds_for(seed, len(labels))
-    batches = -(-len(labels) // batch_size) if batch_size > 0 else 1
+    batches = -(-len(labels) // batch_size)
+    log.info("sampling %d images in %d batch(es) of at most %d", len(labels), batches, batch_size)
     tic = time.perf_counter()
     with step_progress(batches * min(steps, loaded.diffusion.num_timesteps), "sampling") as cb:
         samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size, cb)
@@ -332,10 +364,8 @@ def sample_cmd(
             name = out_dir / f"{i:04d}_class{label}_seed{s}.png"
             files.append(str(images.save_image(image, name)))
     log.info("%d samples in %.1f s (%.1f img/s)", len(labels), seconds, len(labels) / seconds)
-    if not json_out and out is not None:
-        typer.echo(out)
-    elif not json_out:
-        typer.echo(out_dir)
+    if not json_out:
+        typer.echo("\n".join(files))
     emit_json(json_out, {"files": files, "classes": labels, "seeds": seeds,
                          "seconds": round(seconds, 3), "weights": str(loaded.path),
                          "device": str(dev), "precision": prec.name})
@@ -346,8 +376,9 @@ def trajectory(
     out: Annotated[Path, typer.Option("--out", "-o", help="GIF of the path, or PNG for a "
                                                           "strip of its frames.")],
     classes: ClassOpt = None,
-    n: Annotated[int, typer.Option("--n", "-n", help="Samples per class.")] = 1,
-    frames: Annotated[int, typer.Option(help="Frames, noise and final image included.")] = 26,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples per class.")] = 1,
+    frames: Annotated[int, typer.Option(min=2, help="Frames, noise and final image "
+                                                        "included.")] = 26,
     frame_ms: Annotated[int, typer.Option(help="Milliseconds per GIF frame (multiple of "
                                                "10, at least 20).")] = 80,
     hold_ms: Annotated[int, typer.Option(help="Extra time on the last GIF frame.")] = 1500,
@@ -372,10 +403,8 @@ def trajectory(
     from diffgen import images, pipeline
 
     images.check_output(out, (".gif", ".png"))
-    if frames < 2:
-        raise typer.BadParameter(f"must be at least 2, got {frames}", param_hint="--frames")
     if out.suffix.lower() == ".gif":
-        images.frame_duration(frame_ms)
+        frame_ms = images.frame_duration(frame_ms, hold_ms)
     if forward and show_x0:
         raise typer.BadParameter("--show-x0 applies to the reverse path only",
                                  param_hint="--show-x0")
@@ -386,10 +415,13 @@ def trajectory(
     ncol = n if len(set(labels)) > 1 else min(len(labels), 8)
     ncol = len(labels) if len(labels) <= 10 and n == 1 else ncol
     tic = time.perf_counter()
+    if not forward and frames > steps + 1:
+        log.warning("%d steps give at most %d frames", steps, steps + 1)
     if forward:
-        from diffgen.data import packaged_mnist
+        from diffgen.data import load_dataset
 
-        x_0 = real_examples(packaged_mnist(), labels, seed)
+        digits = load_dataset("packaged", loaded.config.image_size, loaded.config.in_channels)
+        x_0 = real_examples(digits, labels, seed)
         x_t_frames, shown = pipeline.forward_trajectory(loaded.diffusion, x_0, seeds, frames)
         grids = [images.make_grid(x, ncol) for x in x_t_frames]
     else:
@@ -429,16 +461,16 @@ def denoise_cmd(
                                                                     "input).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(help="Folder for one result per input, "
                                                     "under the input's name.")] = None,
-    strength: Annotated[Optional[float], typer.Option(help="How far to noise, 0 (keep the "
-                                                      "input) to 1 (pure noise) [default: "
-                                                      "0.5].")] = None,
-    t: Annotated[Optional[int], typer.Option("--t", help="Noise to this timestep instead of "
-                                                         "--strength.")] = None,
+    strength: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="How far to noise, 0 (keep the input) to 1 (pure noise) "
+                               "[default: 0.5].")] = None,
+    t: Annotated[Optional[int], typer.Option("--t", min=0, help="Noise to this timestep "
+                                                                "instead of --strength.")] = None,
     strip: Annotated[bool, typer.Option("--strip", help="Write input, noised and denoised "
                                                         "side by side.")] = False,
     classes: Annotated[Optional[int], typer.Option("--class", "-c", help="Class to steer "
                                                    "towards [default: unconditional].")] = None,
-    steps: Annotated[int, typer.Option(help="Sampler steps for a full path; scaled by the "
+    steps: Annotated[int, typer.Option(min=1, help="Sampler steps for a full path; scaled by the "
                                             "strength.")] = 50,
     ddim: DdimOpt = True,
     eta: EtaOpt = 0.0,
@@ -462,12 +494,15 @@ def denoise_cmd(
     if out is not None and len(inputs) > 1:
         raise typer.BadParameter(f"{len(inputs)} inputs need --out-dir, not -o",
                                  param_hint="--out")
+    if strength is not None and t is not None:
+        raise typer.BadParameter("give --strength or --t, not both", param_hint="--t")
     if strength is None and t is None:
         strength = 0.5
     if out is not None:
-        images.check_output(out, (".png",))
+        targets = [images.check_output(out, (".png",))]
     else:
-        images.check_folder(out_dir)
+        targets = [check_folder(out_dir) / f"{p.stem}.png" for p in inputs]
+    check_targets(inputs, targets)
     config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
                                         precision)
     start = pipeline.strength_to_t(strength, t, loaded.diffusion.num_timesteps)
@@ -481,7 +516,6 @@ def denoise_cmd(
     noised, result = pipeline.denoise(loaded, x_0, [label] * len(inputs), seeds, start, config,
                                       dev, prec, batch_size)
     seconds = time.perf_counter() - tic
-    targets = [out] if out is not None else [out_dir / f"{p.stem}.png" for p in inputs]
     files = []
     for target, original, noisy, clean in zip(targets, x_0, noised, result):
         image = images.make_grid(torch.stack([original, noisy, clean]), 3) if strip else clean
@@ -490,6 +524,22 @@ def denoise_cmd(
         typer.echo("\n".join(files))
     emit_json(json_out, {"files": files, "t_start": start, "seeds": seeds,
                          "seconds": round(seconds, 3)})
+
+
+def check_targets(inputs: list[Path], targets: list[Path]) -> None:
+    """No two results may land on one file, and no result may overwrite an input."""
+    seen: dict[Path, Path] = {}
+    for source, target in zip(inputs, targets):
+        key = target.resolve()
+        if key in seen:
+            raise InvalidSetting(f"{seen[key]} and {source} would both be written to {target}; "
+                                 "rename one or denoise them separately")
+        seen[key] = source
+    sources = {p.resolve() for p in inputs}
+    for target in targets:
+        if target.resolve() in sources:
+            raise InvalidSetting(f"the result {target} would overwrite an input; choose another "
+                                 "output")
 
 
 def main() -> None:

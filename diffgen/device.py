@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def select_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise DiffgenError(
+        raise InvalidSetting(
             f"--device {spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
         ) from None
     if device.type == "cuda":
@@ -57,7 +57,7 @@ def select_device(spec: str = "auto") -> torch.device:
         if not torch.backends.mps.is_available():
             raise DiffgenError(f"--device {spec}: MPS is not available on this machine")
     elif device.type != "cpu":
-        raise DiffgenError(f"--device {spec!r} is not supported; use auto, cpu, cuda[:N] or mps")
+        raise InvalidSetting(f"--device {spec!r} is not supported; use auto, cpu, cuda[:N] or mps")
     return device
 
 
@@ -73,7 +73,7 @@ def cpu_has_fast_bf16() -> bool:
 def select_precision(spec: str, device: torch.device) -> Precision:
     """Resolve "auto" to bf16 where the hardware runs it fast, else fp32; reject fp16 on CPU."""
     if spec not in PRECISIONS:
-        raise DiffgenError(f"--precision {spec!r} is not known; use {', '.join(PRECISIONS)}")
+        raise InvalidSetting(f"--precision {spec!r} is not known; use {', '.join(PRECISIONS)}")
     if spec == "auto":
         if device.type == "cuda":
             spec = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -82,9 +82,9 @@ def select_precision(spec: str, device: torch.device) -> Precision:
         else:
             spec = "fp32"
     if spec == "fp16" and device.type == "cpu":
-        raise DiffgenError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
+        raise InvalidSetting("--precision fp16 is not supported on the CPU; use bf16 or fp32")
     if spec == "bf16" and device.type == "mps":
-        raise DiffgenError("--precision bf16 is not supported on MPS; use fp16 or fp32")
+        raise InvalidSetting("--precision bf16 is not supported on MPS; use fp16 or fp32")
     return Precision(spec)
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from diffgen.errors import DiffgenError
+from diffgen.errors import InvalidSetting
 
 SCHEDULES = ("linear", "cosine")
 
@@ -26,11 +26,11 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise DiffgenError(
+            raise InvalidSetting(
                 f"schedule {self.schedule!r} is not known; choose one of {', '.join(SCHEDULES)}"
             )
         if not 2 <= self.num_timesteps <= 100_000:
-            raise DiffgenError(f"T must be in [2, 100000], got {self.num_timesteps}")
+            raise InvalidSetting(f"T must be in [2, 100000], got {self.num_timesteps}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -42,3 +42,17 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
             raise DiffgenError(f"cannot write {path}: {err.strerror or err}") from None
         raise
     return path
+
+
+def check_folder(folder: Path) -> Path:
+    """Create ``folder`` if needed and check that files can be written into it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DiffgenError(f"cannot use {folder} as a folder: a file is in the way") from None
+    except OSError as err:
+        raise DiffgenError(f"cannot create folder {folder}: {err.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DiffgenError(f"cannot write to folder {folder}: permission denied")
+    return folder

@@ -7,18 +7,20 @@ write never leaves a half-written image.
 from __future__ import annotations
 
 import logging
-import os
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffgen.errors import DiffgenError
-from diffgen.files import atomic_write
+from diffgen.errors import DiffgenError, InvalidSetting
+from diffgen.files import atomic_write, check_folder
 
 log = logging.getLogger(__name__)
 
 MIN_FRAME_MS = 20  # browsers slow down GIF frames shorter than this
+MAX_FRAME_MS = 655_350  # a GIF delay is a 16-bit count of hundredths of a second
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -50,23 +52,11 @@ def check_output(path: Path, suffixes: tuple[str, ...]) -> Path:
     """Fail early, before any sampling, on an output path that cannot be written."""
     path = Path(path)
     if path.suffix.lower() not in suffixes:
-        raise DiffgenError(f"output {path} must end in {' or '.join(suffixes)}")
+        raise InvalidSetting(f"output {path} must end in {' or '.join(suffixes)}")
     if path.is_dir():
-        raise DiffgenError(f"output {path} is a folder; give a file name")
+        raise InvalidSetting(f"output {path} is a folder; give a file name")
     check_folder(path.parent)
     return path
-
-
-def check_folder(folder: Path) -> Path:
-    """Create ``folder`` if needed and check that files can be written into it."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DiffgenError(f"cannot create folder {folder}: {err.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise DiffgenError(f"cannot write to folder {folder}: permission denied")
-    return folder
 
 
 def save_atomic(image: Image.Image | list[Image.Image], path: Path, **params) -> Path:
@@ -91,10 +81,16 @@ def save_image(image: torch.Tensor, path: Path) -> Path:
     return save_atomic(to_pil(image), path)
 
 
-def frame_duration(frame_ms: int) -> int:
-    """GIF delays are in hundredths of a second: round to 10 ms, at least 20 ms."""
-    if frame_ms < MIN_FRAME_MS:
-        raise DiffgenError(f"--frame-ms must be at least {MIN_FRAME_MS}, got {frame_ms}")
+def frame_duration(frame_ms: int, hold_ms: int = 0) -> int:
+    """GIF delays are in hundredths of a second: round to 10 ms, at least 20 ms.
+
+    Also checks that the last frame, held ``hold_ms`` longer, still fits a GIF delay.
+    """
+    if not MIN_FRAME_MS <= frame_ms <= MAX_FRAME_MS:
+        raise InvalidSetting(f"--frame-ms must be in [{MIN_FRAME_MS}, {MAX_FRAME_MS}], "
+                             f"got {frame_ms}")
+    if not 0 <= hold_ms <= MAX_FRAME_MS - frame_ms:
+        raise InvalidSetting(f"--hold-ms must be in [0, {MAX_FRAME_MS - frame_ms}], got {hold_ms}")
     rounded = int(round(frame_ms / 10.0)) * 10
     if rounded != frame_ms:
         log.warning("GIF frame delays are multiples of 10 ms; using %d ms", rounded)
@@ -104,11 +100,12 @@ def frame_duration(frame_ms: int) -> int:
 def save_gif(frames: list[torch.Tensor], path: Path, frame_ms: int, hold_ms: int = 0) -> Path:
     """Write grids [C, H, W] in [-1, 1] as a looping GIF; the last frame shows ``hold_ms`` more.
 
+    ``frame_ms`` and ``hold_ms`` must already be checked by :func:`frame_duration`.
+
     Pillow merges identical consecutive frames and adds up their delays, so the total duration
     is kept even when the frame count shrinks.
     """
-    duration = frame_duration(frame_ms)
-    durations = [duration] * len(frames)
+    durations = [frame_ms] * len(frames)
     durations[-1] += int(round(hold_ms / 10.0)) * 10
     pil_frames = [to_pil(frame) for frame in frames]
     if pil_frames[0].mode == "RGB":
@@ -117,19 +114,33 @@ def save_gif(frames: list[torch.Tensor], path: Path, frame_ms: int, hold_ms: int
 
 
 def load_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tensor:
-    """Read an image file as [C, H, W] in [-1, 1], converted and resized to the model's shape."""
+    """Read an image file as [C, H, W] in [-1, 1], converted and resized to the model's shape.
+
+    16-bit grayscale is scaled to 8 bits; images too large to decode safely are refused.
+    """
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                log.info("resizing %s from %dx%d to %dx%d", path, image.size[1], image.size[0],
-                         size[0], size[1])
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                if image.mode.startswith("I"):  # 16-bit grey: 0..65535 down to 0..255
+                    image = Image.fromarray(
+                        (np.asarray(image, dtype=np.float64) / 257).round().clip(0, 255)
+                        .astype(np.uint8), "L")
+                image = image.convert("L" if channels == 1 else "RGB")
     except FileNotFoundError:
         raise DiffgenError(f"input image {path} does not exist") from None
+    except IsADirectoryError:
+        raise DiffgenError(f"input {path} is a folder, not an image") from None
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DiffgenError(f"input image {path} is too large to decode safely") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DiffgenError(f"cannot read image {path}: {err}") from None
+    if image.size != (size[1], size[0]):
+        log.info("resizing %s from %dx%d to %dx%d", path, image.size[1], image.size[0],
+                 size[0], size[1])
+        image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     array = array.reshape(size[0], size[1], channels).permute(2, 0, 1)
     return array.float() / 127.5 - 1.0

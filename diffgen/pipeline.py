@@ -14,7 +14,7 @@ import torch
 from diffgen import checkpoint
 from diffgen.device import Precision
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
 from diffgen.sampling import SamplerConfig, sample, timesteps_for
 from diffgen.shipped import shipped_file
 from diffgen.unet import UNet, UNetConfig, count_parameters
@@ -50,11 +50,20 @@ def default_weights() -> Path:
 def load(path: Path | None, device: torch.device, ema: bool = True) -> LoadedModel:
     """Rebuild a U-Net from a diffgen model file; EMA weights unless ``ema`` is False."""
     path = default_weights() if path is None else Path(path)
+    if path.is_dir():
+        raise DiffgenError(f"--weights {path} is a folder; pass the {DEFAULT_WEIGHTS} in it")
+    if path.name == checkpoint.STATE_FILE:
+        raise DiffgenError(f"--weights {path} is a training state; pass the {DEFAULT_WEIGHTS} "
+                           "beside it")
     ckpt = checkpoint.load_model(path)
     config = UNetConfig.from_dict(ckpt.model_config)
     schedule = ScheduleConfig(**ckpt.schedule_config)
     model = UNet(config)
     weights = ckpt.ema if ema else ckpt.params
+    broken = next((name for name, tensor in weights.items()
+                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise DiffgenError(f"{path}: tensor {broken!r} holds NaN or infinite values")
     checkpoint.load_weights_into(model, weights, f"{path} ({'EMA' if ema else 'raw'} weights)")
     # channels-last convolutions sample about 25% faster on a CPU under bf16 and fp32.
     model.to(device, memory_format=torch.channels_last).eval()
@@ -66,11 +75,11 @@ def load(path: Path | None, device: torch.device, ema: bool = True) -> LoadedMod
 def class_labels(loaded: LoadedModel, classes: list[int], n: int) -> list[int]:
     """``n`` labels per requested class (all classes when none are given), grouped by class."""
     if n < 1:
-        raise DiffgenError(f"--n must be at least 1, got {n}")
+        raise InvalidSetting(f"--n must be at least 1, got {n}")
     num_classes = loaded.num_classes
     for k in classes:
         if not 0 <= k < num_classes:
-            raise DiffgenError(f"--class {k} is out of range; this model has classes "
+            raise InvalidSetting(f"--class {k} is out of range; this model has classes "
                                f"0..{num_classes - 1}")
     chosen = classes or list(range(num_classes))
     return [k for k in chosen for _ in range(n)]
@@ -90,9 +99,10 @@ def generate(loaded: LoadedModel, labels: list[int], seeds: list[int], config: S
 
 
 def frame_indices(num_steps: int, frames: int) -> list[int]:
-    """Which of ``num_steps`` steps to show: ``frames`` of them, evenly spread, last included."""
+    """Which of ``num_steps`` steps to show after the starting noise: ``frames`` of them,
+    evenly spread and ending with the last (50 steps, 2 frames: steps 24 and 49)."""
     frames = max(1, min(frames, num_steps))
-    return sorted({round(i * (num_steps - 1) / max(frames - 1, 1)) for i in range(frames)})
+    return sorted({round((k + 1) * num_steps / frames) - 1 for k in range(frames)})
 
 
 def reverse_trajectory(loaded: LoadedModel, labels: list[int], seeds: list[int],
@@ -153,14 +163,14 @@ def strength_to_t(strength: float | None, t: int | None, num_timesteps: int) -> 
     Returns None for strength 0 (nothing to do: the input is returned as it is).
     """
     if (strength is None) == (t is None):
-        raise DiffgenError("give exactly one of --strength and --t")
+        raise InvalidSetting("give exactly one of --strength and --t")
     if t is not None:
         if not 0 <= t < num_timesteps:
-            raise DiffgenError(f"--t {t} is out of range; this model has t in "
+            raise InvalidSetting(f"--t {t} is out of range; this model has t in "
                                f"0..{num_timesteps - 1}")
         return t
     if not 0.0 <= strength <= 1.0:
-        raise DiffgenError(f"--strength must be in [0, 1], got {strength}")
+        raise InvalidSetting(f"--strength must be in [0, 1], got {strength}")
     if strength == 0.0:
         return None
     return round(strength * (num_timesteps - 1))

@@ -21,7 +21,7 @@ import torch
 
 from diffgen.device import Precision, autocast
 from diffgen.diffusion import GaussianDiffusion, extract
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
 
 Callback = Callable[[dict], None]
 METHODS = ("ddim", "ddpm")
@@ -40,20 +40,20 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise DiffgenError(f"sampler {self.method!r} is not known; use ddim or ddpm")
+            raise InvalidSetting(f"sampler {self.method!r} is not known; use ddim or ddpm")
         if self.steps < 1:
-            raise DiffgenError(f"--steps must be at least 1, got {self.steps}")
+            raise InvalidSetting(f"--steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0 or not math.isfinite(self.eta):
-            raise DiffgenError(f"--eta must be in [0, 1], got {self.eta}")
+            raise InvalidSetting(f"--eta must be in [0, 1], got {self.eta}")
         if self.method == "ddpm" and self.eta != 0.0:
-            raise DiffgenError("--eta applies to DDIM only; DDPM's variance is set by "
+            raise InvalidSetting("--eta applies to DDIM only; DDPM's variance is set by "
                                "--variance")
         if self.variance not in VARIANCES:
-            raise DiffgenError(f"variance {self.variance!r} is not known; use small or large")
+            raise InvalidSetting(f"variance {self.variance!r} is not known; use small or large")
 
     def check(self, num_timesteps: int) -> None:
         if self.steps > num_timesteps:
-            raise DiffgenError(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
+            raise InvalidSetting(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
 
 
 def timesteps_for(steps: int, start: int) -> list[int]:
@@ -63,7 +63,7 @@ def timesteps_for(steps: int, start: int) -> list[int]:
     last is 0; e.g. 50 steps from 999 give 999, 979, 958, ..., 20, 0.
     """
     if not 1 <= steps <= start + 1:
-        raise DiffgenError(f"cannot take {steps} steps from t = {start} (at most {start + 1})")
+        raise InvalidSetting(f"cannot take {steps} steps from t = {start} (at most {start + 1})")
     values = torch.linspace(start, 0, steps, dtype=torch.float64).round().long().tolist()
     assert all(a > b for a, b in zip(values, values[1:])), values
     return values
@@ -187,7 +187,7 @@ def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, labels: list[in
     if len(labels) != len(seeds):
         raise DiffgenError("one seed is needed per sample")
     if batch_size < 1:
-        raise DiffgenError(f"--batch-size must be at least 1, got {batch_size}")
+        raise InvalidSetting(f"--batch-size must be at least 1, got {batch_size}")
     config.check(diffusion.num_timesteps)
     start = diffusion.num_timesteps - 1 if start is None else start
     timesteps = timesteps_for(min(config.steps, start + 1), start)

@@ -26,7 +26,7 @@ from diffgen.data import Dataset
 from diffgen.device import Precision, autocast
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
 from diffgen.ema import EMA
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
 from diffgen.unet import UNet, UNetConfig, count_parameters
 
 log = logging.getLogger(__name__)
@@ -56,16 +56,16 @@ class TrainConfig:
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "max_nan_steps")
         for name in positive:
             if getattr(self, name) < 1:
-                raise DiffgenError(f"{name.replace('_', '-')} must be at least 1, "
+                raise InvalidSetting(f"{name.replace('_', '-')} must be at least 1, "
                                    f"got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
-            raise DiffgenError(f"learning rate must be positive, got {self.lr}")
+            raise InvalidSetting(f"learning rate must be positive, got {self.lr}")
         if not 0.0 <= self.class_dropout < 1.0:
-            raise DiffgenError(f"class dropout must be in [0, 1), got {self.class_dropout}")
+            raise InvalidSetting(f"class dropout must be in [0, 1), got {self.class_dropout}")
         if not 0.0 < self.ema_decay < 1.0:
-            raise DiffgenError(f"EMA decay must be in (0, 1), got {self.ema_decay}")
+            raise InvalidSetting(f"EMA decay must be in (0, 1), got {self.ema_decay}")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise DiffgenError("warm-up steps must be >= 0 and the gradient clip positive")
+            raise InvalidSetting("warm-up steps must be >= 0 and the gradient clip positive")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,7 +98,7 @@ class BatchSampler:
     def __init__(self, data: Dataset, batch_size: int, num_timesteps: int, seed: int,
                  class_dropout: float, null_class: int) -> None:
         if batch_size > len(data):
-            raise DiffgenError(f"batch size {batch_size} exceeds the {len(data)} images in "
+            raise InvalidSetting(f"batch size {batch_size} exceeds the {len(data)} images in "
                                f"{data.source}")
         self.data = data
         self.batch_size = batch_size
@@ -131,10 +131,10 @@ class Trainer:
                  train_config: TrainConfig, data: Dataset, out_dir: Path,
                  device: torch.device, precision: Precision) -> None:
         if data.num_classes != model_config.num_classes:
-            raise DiffgenError(f"{data.source} has {data.num_classes} classes, the model "
+            raise InvalidSetting(f"{data.source} has {data.num_classes} classes, the model "
                                f"config {model_config.num_classes}")
         if tuple(data.images.shape[1:]) != (model_config.in_channels, *model_config.image_size):
-            raise DiffgenError(f"{data.source} images are {tuple(data.images.shape[1:])}, the "
+            raise InvalidSetting(f"{data.source} images are {tuple(data.images.shape[1:])}, the "
                                f"model expects {model_config.in_channels} x "
                                f"{model_config.image_size}")
         self.model_config, self.schedule_config, self.config = (
@@ -238,6 +238,9 @@ class Trainer:
         log.info("train config %s", json.dumps(self.config.to_dict()))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         nan_run, start, saved = 0, self.step, -1
+        if self.step >= self.config.steps:
+            log.warning("the run is already at step %d of %d; nothing to do", self.step,
+                        self.config.steps)
         tic = time.perf_counter()
         try:
             with open(self.out_dir / LOG_FILE, "a") as log_file:
@@ -247,10 +250,11 @@ class Trainer:
                         nan_run += 1
                         log.warning("step %d: non-finite loss, step skipped", self.step)
                         if nan_run >= self.config.max_nan_steps:
+                            kept = (f"last good checkpoint kept in {self.out_dir}"
+                                    if self.model_path.is_file() else "no checkpoint written")
                             raise DiffgenError(
                                 f"training diverged: {nan_run} consecutive non-finite losses "
-                                f"ending at step {self.step}; last good checkpoint kept in "
-                                f"{self.out_dir}")
+                                f"ending at step {self.step}; {kept}")
                     else:
                         nan_run = 0
                     self.step += 1

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
 
 
 @dataclass(frozen=True)
@@ -44,20 +44,20 @@ class UNetConfig:
     def validate(self) -> None:
         height, width = self.image_size
         if len(self.image_size) != 2 or height < 1 or width < 1:
-            raise DiffgenError(f"image size must be two positive ints, got {self.image_size}")
+            raise InvalidSetting(f"image size must be two positive ints, got {self.image_size}")
         if self.in_channels not in (1, 3):
-            raise DiffgenError(f"in_channels must be 1 or 3, got {self.in_channels}")
+            raise InvalidSetting(f"in_channels must be 1 or 3, got {self.in_channels}")
         if not self.channel_mult or min(self.channel_mult) < 1 or self.base_channels < 1:
-            raise DiffgenError("base channels and channel multipliers must be positive")
+            raise InvalidSetting("base channels and channel multipliers must be positive")
         if self.num_res_blocks < 1:
-            raise DiffgenError(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
+            raise InvalidSetting(f"num_res_blocks must be at least 1, got {self.num_res_blocks}")
         if not 0.0 <= self.dropout < 1.0:
-            raise DiffgenError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidSetting(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes < 0:
-            raise DiffgenError(f"num_classes must be >= 0, got {self.num_classes}")
+            raise InvalidSetting(f"num_classes must be >= 0, got {self.num_classes}")
         factor = 2 ** (len(self.channel_mult) - 1)
         if height % factor or width % factor:
-            raise DiffgenError(
+            raise InvalidSetting(
                 f"image size {height}x{width} is not divisible by {factor}, which "
                 f"{len(self.channel_mult) - 1} downsamplings need; use fewer levels "
                 f"(channel multipliers) or another image size"
@@ -65,20 +65,20 @@ class UNetConfig:
         for level, mult in enumerate(self.channel_mult):
             channels = self.base_channels * mult
             if channels % self.num_groups:
-                raise DiffgenError(
+                raise InvalidSetting(
                     f"level {level} has {channels} channels, which {self.num_groups} GroupNorm "
                     f"groups do not divide; change base channels or groups"
                 )
         heights = self.level_heights()
         for res in self.attention_resolutions:
             if res not in heights:
-                raise DiffgenError(
+                raise InvalidSetting(
                     f"attention resolution {res} is not a level of this network "
                     f"(levels have heights {', '.join(map(str, heights))})"
                 )
             channels = self.base_channels * self.channel_mult[heights.index(res)]
             if channels % self.num_heads:
-                raise DiffgenError(
+                raise InvalidSetting(
                     f"{self.num_heads} attention heads do not divide {channels} channels "
                     f"at resolution {res}"
                 )

@@ -93,48 +93,69 @@ def test_end_to_end_on_real_digits(runner, tmp_path):
     assert (tmp_path / "denoised" / "copy.png").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sample", "--class", "12", "-o", "{tmp}/x.png"], "--class 12 is out of range"),
-    (["sample", "--steps", "1001", "-o", "{tmp}/x.png"], "--steps 1001 exceeds the model's T"),
-    (["sample", "--precision", "fp16", "--device", "cpu", "-o", "{tmp}/x.png"],
+@pytest.mark.parametrize("code, args, message", [
+    (2, ["sample", "--class", "12", "-o", "{tmp}/x.png"], "--class 12 is out of range"),
+    (2, ["sample", "--steps", "1001", "-o", "{tmp}/x.png"], "--steps 1001 exceeds the model's T"),
+    (2, ["sample", "--precision", "fp16", "--device", "cpu", "-o", "{tmp}/x.png"],
      "fp16 is not supported on the CPU"),
-    (["sample", "--device", "tpu", "-o", "{tmp}/x.png"], "--device 'tpu'"),
-    (["sample", "-o", "{tmp}/x.jpg"], "must end in .png"),
-    (["sample", "--weights", "{tmp}/none.safetensors", "-o", "{tmp}/x.png"], "does not exist"),
-    (["sample", "--weights", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"],
-     "not a readable safetensors file"),
-    (["sample", "--out-dir", "{tmp}/blocker/sub"], "cannot create folder"),
-    (["denoise", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"], "cannot read image"),
-    (["denoise", "{tmp}/missing.png", "-o", "{tmp}/x.png"], "does not exist"),
-    (["denoise", "{tmp}/img.png", "--strength", "1.5", "-o", "{tmp}/x.png"],
-     "--strength must be in [0, 1]"),
-    (["trajectory", "-o", "{tmp}/x.gif", "--frame-ms", "5"], "--frame-ms must be at least 20"),
-    (["train", "--out", "{tmp}/run", "--data", "{tmp}/nowhere"], "nowhere"),
-    (["train", "--out", "{tmp}/run", "--base-channels", "24", "--groups", "32"],
+    (2, ["sample", "--device", "tpu", "-o", "{tmp}/x.png"], "--device 'tpu'"),
+    (2, ["sample", "-o", "{tmp}/x.jpg"], "must end in .png"),
+    (2, ["sample", "--ddpm", "--eta", "0.5", "-o", "{tmp}/x.png"], "--eta applies to DDIM only"),
+    (2, ["trajectory", "-o", "{tmp}/x.gif", "--frame-ms", "5"], "--frame-ms must be in [20,"),
+    (2, ["trajectory", "-o", "{tmp}/x.gif", "--hold-ms", "-100"], "--hold-ms must be in [0,"),
+    (2, ["denoise", "{tmp}/img.png", "--t", "1000", "-o", "{tmp}/x.png"], "--t 1000 is out"),
+    (2, ["denoise", "{tmp}/img.png", "-o", "{tmp}/img.png"], "would overwrite an input"),
+    (2, ["denoise", "{tmp}/img.png", "{tmp}/sub/img.png", "--out-dir", "{tmp}/o"],
+     "would both be written to"),
+    (2, ["train", "--out", "{tmp}/run", "--base-channels", "24", "--groups", "32"],
      "level 0 has 24 channels"),
-    (["train", "--out", "{tmp}/run", "--resume"], "no checkpoint"),
+    (2, ["train", "--out", "{tmp}/run", "--schedule", "sigmoid"], "schedule 'sigmoid'"),
+    (1, ["sample", "--weights", "{tmp}/none.safetensors", "-o", "{tmp}/x.png"],
+     "does not exist"),
+    (1, ["sample", "--weights", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"],
+     "not a readable safetensors file"),
+    (1, ["sample", "--weights", "{tmp}", "-o", "{tmp}/x.png"], "is a folder; pass the"),
+    (1, ["sample", "--weights", "{tmp}/nan.safetensors", "-o", "{tmp}/x.png"], "NaN or inf"),
+    (1, ["sample", "--out-dir", "{tmp}/blocker/sub"], "cannot create folder"),
+    (1, ["denoise", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"], "cannot read image"),
+    (1, ["denoise", "{tmp}/missing.png", "-o", "{tmp}/x.png"], "does not exist"),
+    (1, ["train", "--out", "{tmp}/run", "--data", "{tmp}/nowhere"], "nowhere"),
+    (1, ["train", "--out", "{tmp}/blocker", "--steps", "1"], "a file is in the way"),
+    (1, ["train", "--out", "{tmp}/run", "--resume"], "no checkpoint"),
 ])
-def test_user_errors_exit_1_with_one_line(runner, tmp_path, tiny_model, args, message):
-    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
-    (tmp_path / "blocker").write_text("a file, not a folder")
-    shutil.copy(tiny_model.parent / "model.safetensors", tmp_path / "tiny.safetensors")
-    from diffgen.images import save_image
+def test_user_mistakes_get_one_line_and_an_exit_code(runner, tmp_path, tiny_model, code, args,
+                                                     message):
     import torch
 
+    from diffgen import checkpoint
+    from diffgen.images import save_image
+
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    shutil.copy(tiny_model, tmp_path / "tiny.safetensors")
+    ckpt = checkpoint.load_model(tiny_model)
+    ckpt.ema = {k: torch.full_like(v, float("nan")) for k, v in ckpt.ema.items()}
+    checkpoint.save_model(tmp_path / "nan.safetensors", ckpt)
     save_image(torch.zeros(1, 28, 28), tmp_path / "img.png")
+    (tmp_path / "sub").mkdir()
+    save_image(torch.zeros(1, 28, 28), tmp_path / "sub" / "img.png")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if args[0] != "train" and "--weights" not in args:
         args += ["--weights", str(tmp_path / "tiny.safetensors")]
     result = run(runner, *args)
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == code, result.output
     assert message in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "Traceback" not in result.output and result.stdout == ""
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.gif").exists()
 
 
 @pytest.mark.parametrize("args", [
     ["sample", "--n", "x", "-o", "a.png"], ["sample"], ["sample", "--bogus"],
+    ["sample", "--n", "0", "-o", "a.png"], ["sample", "--eta", "1.5", "-o", "a.png"],
+    ["sample", "--steps", "0", "-o", "a.png"], ["trajectory", "-o", "a.gif", "--frames", "1"],
+    ["denoise", "a.png", "--strength", "2", "-o", "b.png"],
+    ["denoise", "a.png", "--strength", "0.5", "--t", "3", "-o", "b.png"],
     ["denoise", "a.png", "b.png", "-o", "c.png"], ["train"],
     ["train", "--out", "r", "--resume", "--lr", "0.1"]])
 def test_usage_errors_exit_2(runner, args):

@@ -38,8 +38,10 @@ def test_gif_keeps_total_duration_when_frames_merge(tmp_path):  # O1
 
 def test_gif_hold_and_rounding(tmp_path, caplog):
     assert images.frame_duration(55) in (50, 60)
-    with pytest.raises(DiffgenError, match="--frame-ms must be at least 20"):
+    with pytest.raises(DiffgenError, match=r"--frame-ms must be in \[20, 655350\]"):
         images.frame_duration(10)
+    with pytest.raises(DiffgenError, match="--hold-ms must be in"):
+        images.frame_duration(40, hold_ms=-10)
     frames = [torch.full((1, 8, 8), v) for v in (-1.0, 0.0, 1.0)]
     path = images.save_gif(frames, tmp_path / "hold.gif", frame_ms=40, hold_ms=500)
     with Image.open(path) as gif:
