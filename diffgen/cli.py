@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -214,6 +215,8 @@ def train(
             checkpoint_every=1000 if checkpoint_every is None else checkpoint_every, seed=seed)
         trainer = Trainer(model_config, schedule_config, train_config, dataset, out, dev, prec)
     tic = time.perf_counter()
+    # `kill` (SIGTERM) stops a run like Ctrl-C does: with a checkpoint of the last step.
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         with train_progress(trainer.step, trainer.config.steps) as on_step:
             final_step = trainer.run(on_step)
@@ -225,6 +228,10 @@ def train(
         typer.echo(trainer.model_path)
     emit_json(json_out, {"out": str(out), "model": str(trainer.model_path),
                          "step": final_step, "seconds": round(time.perf_counter() - tic, 2)})
+
+
+def raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 RESUME_OPTIONS = {"out", "resume", "steps", "epochs", "checkpoint_every", "device", "precision",
@@ -265,8 +272,9 @@ class train_progress:  # noqa: N801 - used as a context manager, reads like a fu
         self.progress.stop()
 
 
-WeightsOpt = Annotated[Optional[Path], typer.Option(
-    help="Model file from diffgen train [default: the shipped MNIST model].")]
+WeightsOpt = Annotated[Optional[str], typer.Option(
+    help="Model file from diffgen train, or hf://owner/repo/file.safetensors on the Hugging "
+         "Face Hub [default: the shipped MNIST model].")]
 StepsOpt = Annotated[int, typer.Option(min=1, help="Sampler steps (model evaluations), at most "
                                                          "T.")]
 DdimOpt = Annotated[bool, typer.Option("--ddim/--ddpm", help="DDIM (default) or DDPM "
@@ -284,7 +292,7 @@ RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead
                                                     "weights.")]
 
 
-def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: Path | None, raw: bool,
+def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: str | None, raw: bool,
             device: str, precision: str):
     """The sampler config, device, precision and loaded model every sampling command needs."""
     from diffgen import device as devices

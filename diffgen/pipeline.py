@@ -47,9 +47,41 @@ def default_weights() -> Path:
     return shipped_file(DEFAULT_WEIGHTS)
 
 
-def load(path: Path | None, device: torch.device, ema: bool = True) -> LoadedModel:
-    """Rebuild a U-Net from a diffgen model file; EMA weights unless ``ema`` is False."""
-    path = default_weights() if path is None else Path(path)
+HUB_PREFIX = "hf://"
+
+
+def fetch_from_hub(spec: str) -> Path:
+    """``hf://owner/repo/file.safetensors[@revision]`` -> a local copy from the Hugging Face Hub.
+
+    Downloaded once into the Hub's cache; with ``HF_HUB_OFFLINE=1`` only the cache is used.
+    """
+    body, _, revision = spec[len(HUB_PREFIX):].partition("@")
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise InvalidSetting(f"--weights {spec!r} is not of the form "
+                             "hf://owner/repo/file.safetensors[@revision]")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        local = hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]),
+                                revision=revision or None)
+    except Exception as err:  # the hub client raises many types; all mean "not available"
+        raise DiffgenError(f"cannot fetch {spec}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else 'no detail'}") from None
+    return Path(local)
+
+
+def load(path: Path | str | None, device: torch.device, ema: bool = True) -> LoadedModel:
+    """Rebuild a U-Net from a diffgen model file; EMA weights unless ``ema`` is False.
+
+    ``path`` is a local file, ``hf://owner/repo/file`` on the Hugging Face Hub, or None for
+    the shipped model.
+    """
+    if path is None:
+        path = default_weights()
+    elif str(path).startswith(HUB_PREFIX):
+        path = fetch_from_hub(str(path))
+    path = Path(path)
     if path.is_dir():
         raise DiffgenError(f"--weights {path} is a folder; pass the {DEFAULT_WEIGHTS} in it")
     if path.name == checkpoint.STATE_FILE:

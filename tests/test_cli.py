@@ -182,3 +182,52 @@ def test_resume_continues_a_run(runner, tmp_path, few_digits):
     result = run(runner, "train", "--out", out, "--resume", "--steps", 4, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["step"] == 4
+
+
+def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from diffgen import checkpoint
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "diffgen", "train", "--out", str(out), "--steps", "100000",
+         "--batch-size", "8", "--base-channels", "8", "--channel-mult", "1,2",
+         "--attention-resolutions", "", "--groups", "4", "--checkpoint-every", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted at step" in stderr and stdout == ""
+    assert checkpoint.load_model(out / "model.safetensors").step >= 50
+
+
+def test_weights_from_the_hub(runner, tmp_path, tiny_model, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, revision=None):
+        calls.append((repo_id, filename, revision))
+        if repo_id == "someone/missing":
+            raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error\nmore")
+        return str(tiny_model)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    result = run(runner, "sample", "--weights", "hf://someone/mnist/run/model.safetensors@v1",
+                 "--class", 2, "--n", 1, "--steps", 2, "-o", tmp_path / "hub.png")
+    assert result.exit_code == 0, result.output
+    assert calls == [("someone/mnist", "run/model.safetensors", "v1")]
+    missing = run(runner, "sample", "--weights", "hf://someone/missing/model.safetensors",
+                  "-o", tmp_path / "x.png")
+    assert missing.exit_code == 1
+    assert "cannot fetch hf://someone/missing/model.safetensors" in missing.stderr
+    bad = run(runner, "sample", "--weights", "hf://nothing", "-o", tmp_path / "x.png")
+    assert bad.exit_code == 2 and "is not of the form" in bad.stderr
