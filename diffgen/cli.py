@@ -21,7 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from diffgen import __version__
 from diffgen.errors import DiffgenError, InvalidSetting
-from diffgen.files import check_folder
+from diffgen.files import check_can_create, check_folder
 
 stderr = Console(stderr=True)
 log = logging.getLogger("diffgen")
@@ -35,9 +35,19 @@ class DiffgenGroup(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except DiffgenError as err:
-            stderr.print(f"Error: {err}", style="red", markup=False, highlight=False,
-                         soft_wrap=True)
-            raise typer.Exit(2 if isinstance(err, InvalidSetting) else 1) from None
+            fail(str(err), 2 if isinstance(err, InvalidSetting) else 1)
+        except MemoryError:
+            fail("out of memory; try a smaller --batch-size or image size", 1)
+        except RuntimeError as err:
+            if "out of memory" in str(err) or "can't allocate memory" in str(err):
+                fail("out of memory; try a smaller --batch-size or image size", 1)
+            raise
+
+
+def fail(message: str, code: int) -> None:
+    stderr.print(f"Error: {message}", style="red", markup=False, highlight=False,
+                 soft_wrap=True)
+    raise typer.Exit(code) from None
 
 
 app = typer.Typer(cls=DiffgenGroup, add_completion=False, no_args_is_help=True,
@@ -187,7 +197,7 @@ def train(
             raise typer.BadParameter(
                 f"--{fixed[0].replace('_', '-')} cannot change on --resume; the run's saved "
                 "configs are used", param_hint="--resume")
-    check_folder(out)
+    check_can_create(out)
     dev, prec = devices.resolve(device, precision)
     if resume:
         trainer = resume_trainer(out, dev, prec, steps=steps, epochs=epochs,
@@ -223,11 +233,22 @@ def train(
     except KeyboardInterrupt:
         stderr.print(f"interrupted at step {trainer.step}; checkpoint saved in {out}",
                      style="yellow")
+        report_run(trainer, json_out, time.perf_counter() - tic, interrupted=True)
         raise typer.Exit(130) from None
+    report_run(trainer, json_out, time.perf_counter() - tic)
+
+
+def report_run(trainer, json_out: bool, seconds: float, interrupted: bool = False) -> None:
+    """The run's files on stdout (or one JSON object): model, training state and log."""
+    files = [str(p) for p in (trainer.model_path, trainer.state_path, trainer.log_path)
+             if p.is_file()]
     if not json_out:
-        typer.echo(trainer.model_path)
-    emit_json(json_out, {"out": str(out), "model": str(trainer.model_path),
-                         "step": final_step, "seconds": round(time.perf_counter() - tic, 2)})
+        if files:
+            typer.echo("\n".join(files))
+        return
+    emit_json(True, {"out": str(trainer.out_dir), "files": files,
+                     "model": str(trainer.model_path), "step": trainer.step,
+                     "interrupted": interrupted, "seconds": round(seconds, 2)})
 
 
 def raise_interrupt(signum, frame) -> None:
@@ -355,6 +376,7 @@ def sample_cmd(
         check_folder(out_dir)
     config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
                                         precision)
+    config.check(loaded.diffusion.num_timesteps)
     labels = pipeline.class_labels(loaded, classes or [], n)
     seeds = pipeline.seeds_for(seed, len(labels))
     batches = -(-len(labels) // batch_size)
@@ -428,8 +450,10 @@ def trajectory(
     if forward:
         from diffgen.data import load_dataset
 
-        digits = load_dataset("packaged", loaded.config.image_size, loaded.config.in_channels)
-        x_0 = real_examples(digits, labels, seed)
+        # Real images from the data the model was trained on, at its size and channels.
+        source = loaded.train_config.get("data", "packaged")
+        real = load_dataset(source, loaded.config.image_size, loaded.config.in_channels)
+        x_0 = real_examples(real, labels, seed)
         x_t_frames, shown = pipeline.forward_trajectory(loaded.diffusion, x_0, seeds, frames)
         grids = [images.make_grid(x, ncol) for x in x_t_frames]
     else:

@@ -44,6 +44,21 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def check_can_create(folder: Path) -> Path:
+    """Check, without creating anything, that ``folder`` exists or could be made, writable."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DiffgenError(f"cannot use {folder} as a folder: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DiffgenError(f"cannot write to folder {probe}: permission denied")
+    return folder
+
+
 def check_folder(folder: Path) -> Path:
     """Create ``folder`` if needed and check that files can be written into it."""
     folder = Path(folder)

@@ -32,6 +32,7 @@ class LoadedModel:
     diffusion: GaussianDiffusion
     path: Path
     step: int
+    train_config: dict
 
     @property
     def config(self) -> UNetConfig:
@@ -62,6 +63,7 @@ def fetch_from_hub(spec: str) -> Path:
                              "hf://owner/repo/file.safetensors[@revision]")
     from huggingface_hub import hf_hub_download
 
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # the one-line error says it
     try:
         local = hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]),
                                 revision=revision or None)
@@ -101,7 +103,7 @@ def load(path: Path | str | None, device: torch.device, ema: bool = True) -> Loa
     model.to(device, memory_format=torch.channels_last).eval()
     log.info("loaded %s: step %d, %s parameters, %s weights", path, ckpt.step,
              f"{count_parameters(model):,}", "EMA" if ema else "raw")
-    return LoadedModel(model, GaussianDiffusion(schedule), path, ckpt.step)
+    return LoadedModel(model, GaussianDiffusion(schedule), path, ckpt.step, ckpt.train_config)
 
 
 def class_labels(loaded: LoadedModel, classes: list[int], n: int) -> list[int]:
@@ -181,7 +183,7 @@ def forward_trajectory(diffusion: GaussianDiffusion, x_0: torch.Tensor, seeds: l
     eps = torch.stack([torch.randn(x_0.shape[1:], generator=torch.Generator().manual_seed(s))
                        for s in seeds])
     last = diffusion.num_timesteps - 1
-    ts = [round(i * last / max(frames - 2, 1)) for i in range(max(frames - 1, 1))]
+    ts = [round((k + 1) * last / (frames - 1)) for k in range(frames - 1)]
     out = [x_0]
     for t in ts:
         out.append(diffusion.q_sample(x_0, torch.full((x_0.shape[0],), t, dtype=torch.long),
@@ -219,6 +221,7 @@ def denoise(loaded: LoadedModel, x_0: torch.Tensor, labels: list[int], seeds: li
     if start is None:
         return x_0.clone(), x_0.clone()
     total = loaded.diffusion.num_timesteps
+    config.check(total)
     steps = max(1, round(config.steps * (start + 1) / total))
     run = SamplerConfig(config.method, steps, config.eta, config.variance, config.clip_denoised)
     pure_noise = start == total - 1

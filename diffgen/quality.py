@@ -111,7 +111,7 @@ def format_table(result: dict) -> str:
     lines.append(f"overall accuracy {result['accuracy']:.3f}, min class accuracy "
                  f"{result['min_class_accuracy']:.3f} (class {result['min_class']}), "
                  f"mean diversity ratio {fmt(result['mean_diversity_ratio'], 0).strip()}")
-    lines.append("judge's predictions per class: "
+    lines.append("how often the judge chose each label 0..9: "
                  + " ".join(str(c) for c in result["predicted_counts"]))
     return "\n".join(lines)
 

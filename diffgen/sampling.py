@@ -13,6 +13,7 @@ drawn in nor on the device.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +23,8 @@ import torch
 from diffgen.device import Precision, autocast
 from diffgen.diffusion import GaussianDiffusion, extract
 from diffgen.errors import DiffgenError, InvalidSetting
+
+log = logging.getLogger(__name__)
 
 Callback = Callable[[dict], None]
 METHODS = ("ddim", "ddpm")
@@ -50,6 +53,8 @@ class SamplerConfig:
                                "--variance")
         if self.variance not in VARIANCES:
             raise InvalidSetting(f"variance {self.variance!r} is not known; use small or large")
+        if self.method == "ddim" and self.variance != "small":
+            raise InvalidSetting("--variance applies to DDPM only; DDIM's noise is set by --eta")
 
     def check(self, num_timesteps: int) -> None:
         if self.steps > num_timesteps:
@@ -155,6 +160,7 @@ def denoise_loop(model: torch.nn.Module, diffusion: GaussianDiffusion, x_t: torc
                  noise: SeededNoise, precision: Precision, callback: Callback | None = None
                  ) -> torch.Tensor:
     """Run the reverse chain from x_t at timesteps[0] to x_0; returns x_0 [B, C, H, W]."""
+    log.debug("%s on %d timesteps: %s", config.method, len(timesteps), timesteps)
     chain = respace(diffusion, timesteps) if config.method == "ddpm" else None
     needs_noise = config.method == "ddpm" or config.eta > 0
     for i, t in enumerate(timesteps):

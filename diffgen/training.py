@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,14 +57,16 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise InvalidSetting(f"{name.replace('_', '-')} must be at least 1, "
                                    f"got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise InvalidSetting(f"learning rate must be positive, got {self.lr}")
+        if not 0 < self.lr <= 1:
+            raise InvalidSetting(f"--lr must be in (0, 1], got {self.lr}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise InvalidSetting(f"class dropout must be in [0, 1), got {self.class_dropout}")
         if not 0.0 < self.ema_decay < 1.0:
             raise InvalidSetting(f"EMA decay must be in (0, 1), got {self.ema_decay}")
-        if self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise InvalidSetting("warm-up steps must be >= 0 and the gradient clip positive")
+        if self.warmup_steps < 0:
+            raise InvalidSetting(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not self.grad_clip > 0:
+            raise InvalidSetting(f"gradient clip must be positive, got {self.grad_clip}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,6 +164,10 @@ class Trainer:
     def state_path(self) -> Path:
         return self.out_dir / checkpoint.STATE_FILE
 
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / LOG_FILE
+
     def lr_at(self, step: int) -> float:
         """Linear warm-up to the peak learning rate, then constant."""
         warmup = self.config.warmup_steps
@@ -243,7 +248,7 @@ class Trainer:
                         self.config.steps)
         tic = time.perf_counter()
         try:
-            with open(self.out_dir / LOG_FILE, "a") as log_file:
+            with open(self.log_path, "a") as log_file:
                 while self.step < self.config.steps:
                     loss, grad_norm, skipped = self.train_step()
                     if skipped:

@@ -45,6 +45,8 @@ def test_end_to_end_on_real_digits(runner, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["step"] == 3 and (out / "model.safetensors").is_file()
+    assert record["files"] == [str(out / "model.safetensors"),
+                               str(out / "train_state.safetensors"), str(out / "log.jsonl")]
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     weights = out / "model.safetensors"
 
@@ -120,7 +122,11 @@ def test_end_to_end_on_real_digits(runner, tmp_path):
     (1, ["denoise", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"], "cannot read image"),
     (1, ["denoise", "{tmp}/missing.png", "-o", "{tmp}/x.png"], "does not exist"),
     (1, ["train", "--out", "{tmp}/run", "--data", "{tmp}/nowhere"], "nowhere"),
-    (1, ["train", "--out", "{tmp}/blocker", "--steps", "1"], "a file is in the way"),
+    (1, ["train", "--out", "{tmp}/blocker", "--steps", "1"], "blocker is a file"),
+    (1, ["train", "--out", "{tmp}/blocker/run", "--steps", "1"], "blocker is a file"),
+    (2, ["sample", "--variance", "large", "-o", "{tmp}/x.png"], "--variance applies to DDPM"),
+    (2, ["denoise", "{tmp}/img.png", "--steps", "1001", "-o", "{tmp}/x.png"], "exceeds"),
+    (2, ["train", "--out", "{tmp}/run", "--lr", "1e38"], "--lr must be in (0, 1]"),
     (1, ["train", "--out", "{tmp}/run", "--resume"], "no checkpoint"),
 ])
 def test_user_mistakes_get_one_line_and_an_exit_code(runner, tmp_path, tiny_model, code, args,
@@ -205,7 +211,10 @@ def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    assert "interrupted at step" in stderr and stdout == ""
+    assert "interrupted at step" in stderr
+    assert stdout.split() == [str(out / name) for name in ("model.safetensors",
+                                                             "train_state.safetensors",
+                                                             "log.jsonl")]
     assert checkpoint.load_model(out / "model.safetensors").step >= 50
 
 
@@ -231,3 +240,10 @@ def test_weights_from_the_hub(runner, tmp_path, tiny_model, monkeypatch):
     assert "cannot fetch hf://someone/missing/model.safetensors" in missing.stderr
     bad = run(runner, "sample", "--weights", "hf://nothing", "-o", tmp_path / "x.png")
     assert bad.exit_code == 2 and "is not of the form" in bad.stderr
+
+
+def test_forward_trajectory_noises_real_digits_evenly(runner, tmp_path, tiny_model):
+    result = run(runner, "trajectory", "--weights", tiny_model, "--forward", "--frames", 3,
+                 "--class", 4, "-o", tmp_path / "f.gif", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["timesteps"] == [-1, 500, 999]
