@@ -575,4 +575,17 @@ def check_targets(inputs: list[Path], targets: list[Path]) -> None:
 
 
 def main() -> None:
-    app()
+    """The console entry point: every usage error as one line on stderr, exit code 2."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")
+    try:
+        code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # Typer's usage errors carry format_message and exit_code
+        if not hasattr(err, "format_message"):
+            raise
+        stderr.print(f"Error: {err.format_message()}", style="red", markup=False,
+                     highlight=False, soft_wrap=True)
+        sys.exit(getattr(err, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)

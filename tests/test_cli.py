@@ -247,3 +247,17 @@ def test_forward_trajectory_noises_real_digits_evenly(runner, tmp_path, tiny_mod
                  "--class", 4, "-o", tmp_path / "f.gif", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["timesteps"] == [-1, 500, 999]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sample", "--n", "0", "-o", "a.png"], "Invalid value for '--n'"),
+    (["sample", "--bogus"], "No such option: --bogus"),
+])
+def test_console_usage_errors_are_one_line(tmp_path, args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "diffgen", *args], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr
