@@ -84,3 +84,16 @@ def test_forward_under_bf16_autocast_with_large_inputs(tiny_config):  # P1
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, torch.tensor([1, 2]), torch.tensor([0, 1]))
     assert torch.isfinite(out).all()
+
+
+def test_bf16_group_norm_keeps_layout_and_float32_statistics():
+    torch.manual_seed(0)
+    norm = GroupNorm32(8, 48)
+    h = (torch.randn(2, 48, 7, 7) * 3 + 300).bfloat16().to(memory_format=torch.channels_last)
+    out = norm(h)
+    assert out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    reference = torch.nn.functional.group_norm(h.float(), 8, norm.weight, norm.bias, norm.eps)
+    # Statistics in bf16 would be ruined by the offset of 300; in float32 only the output's
+    # bf16 rounding (2^-8 relative) remains.
+    assert (out.float() - reference).abs().max().item() < 0.05
