@@ -169,7 +169,9 @@ def train(
     channel_mult: Annotated[str, typer.Option(help="Channel multiplier per level.")] = "1,2,4",
     num_res_blocks: Annotated[int, typer.Option(help="Residual blocks per level.")] = 1,
     attention_resolutions: Annotated[str, typer.Option(help="Feature-map heights with "
-                                                            "self-attention.")] = "7",
+                                                            "self-attention; auto is the "
+                                                            "lowest level (7 for 28 x 28).")
+                                     ] = "auto",
     groups: Annotated[int, typer.Option(help="GroupNorm groups.")] = 8,
     dropout: Annotated[float, typer.Option(help="Dropout in residual blocks.")] = 0.0,
     checkpoint_every: Annotated[Optional[int], typer.Option(
@@ -204,11 +206,12 @@ def train(
                                  checkpoint_every=checkpoint_every)
     else:
         size = parse_size(image_size)
+        mult = parse_ints(channel_mult, "--channel-mult")
+        attention = ((size[0] // 2 ** max(len(mult) - 1, 0),) if attention_resolutions == "auto"
+                     else parse_ints(attention_resolutions, "--attention-resolutions"))
         model_config = UNetConfig(
             image_size=size, in_channels=channels, base_channels=base_channels,
-            channel_mult=parse_ints(channel_mult, "--channel-mult"),
-            num_res_blocks=num_res_blocks,
-            attention_resolutions=parse_ints(attention_resolutions, "--attention-resolutions"),
+            channel_mult=mult, num_res_blocks=num_res_blocks, attention_resolutions=attention,
             num_groups=groups, dropout=dropout, num_classes=10)
         schedule_config = ScheduleConfig(schedule=schedule, num_timesteps=timesteps)
         if (out / "model.safetensors").exists():

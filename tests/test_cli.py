@@ -50,6 +50,15 @@ def test_end_to_end_on_real_digits(runner, tmp_path):
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
     weights = out / "model.safetensors"
 
+    small = tmp_path / "small"
+    result = run(runner, "train", "--data", folder, "--out", small, "--steps", 1,
+                 "--batch-size", 8, "--image-size", 16, "--base-channels", 8, "--groups", 4)
+    assert result.exit_code == 0, result.output
+    from diffgen import checkpoint
+
+    config = checkpoint.load_model(small / "model.safetensors").model_config
+    assert config["image_size"] == [16, 16] and config["attention_resolutions"] == [4]
+
     result = run(runner, "sample", "--weights", weights, "--class", 3, "--class", 5, "--n", 4,
                  "--steps", 3, "-o", tmp_path / "grid.png", "--out-dir", tmp_path / "each",
                  "--json")
