@@ -184,6 +184,7 @@ def train(
     json_out: JsonOpt = False,
 ) -> None:
     """Train a class-conditional diffusion model (DDPM simple loss, EMA, checkpoints)."""
+    from diffgen import checkpoint
     from diffgen import device as devices
     from diffgen.data import load_dataset
     from diffgen.diffusion import ScheduleConfig
@@ -214,7 +215,7 @@ def train(
             channel_mult=mult, num_res_blocks=num_res_blocks, attention_resolutions=attention,
             num_groups=groups, dropout=dropout, num_classes=10)
         schedule_config = ScheduleConfig(schedule=schedule, num_timesteps=timesteps)
-        if (out / "model.safetensors").exists():
+        if (out / checkpoint.MODEL_FILE).exists():
             raise DiffgenError(f"{out} already holds a model; use --resume to continue it or "
                                "choose another --out")
         if data not in ("packaged", "mnist"):

@@ -15,7 +15,7 @@ from diffgen import checkpoint
 from diffgen.device import Precision
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
 from diffgen.errors import DiffgenError, InvalidSetting
-from diffgen.sampling import SamplerConfig, sample, timesteps_for
+from diffgen.sampling import SamplerConfig, SeededNoise, sample, timesteps_for
 from diffgen.shipped import shipped_file
 from diffgen.unet import UNet, UNetConfig, count_parameters
 
@@ -169,9 +169,7 @@ def reverse_trajectory(loaded: LoadedModel, labels: list[int], seeds: list[int],
 
 def sample_start(loaded: LoadedModel, seeds: list[int]) -> torch.Tensor:
     """The starting noise x_T that :func:`sample` draws for these seeds."""
-    shape = (loaded.config.in_channels, *loaded.config.image_size)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
-                        for s in seeds])
+    return SeededNoise(seeds, (loaded.config.in_channels, *loaded.config.image_size)).draw()
 
 
 def forward_trajectory(diffusion: GaussianDiffusion, x_0: torch.Tensor, seeds: list[int],
@@ -180,8 +178,7 @@ def forward_trajectory(diffusion: GaussianDiffusion, x_0: torch.Tensor, seeds: l
 
     One fixed eps per image, so the frames show a single path from x_0 to nearly pure noise.
     """
-    eps = torch.stack([torch.randn(x_0.shape[1:], generator=torch.Generator().manual_seed(s))
-                       for s in seeds])
+    eps = SeededNoise(seeds, tuple(x_0.shape[1:])).draw()
     last = diffusion.num_timesteps - 1
     ts = [round((k + 1) * last / (frames - 1)) for k in range(frames - 1)]
     out = [x_0]
