@@ -22,6 +22,8 @@ from diffgen.files import atomic_write
 FORMAT = "diffgen-1"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
+KIND_UNET = "unet"  # a diffusion model, ε_θ(x_t, t, y)
+KIND_CLASSIFIER = "classifier"  # a noisy classifier, p_φ(y | x_t, t)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Checkpoint:
     step: int
     params: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
+    kind: str = KIND_UNET
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
@@ -65,6 +68,7 @@ def save_model(path: Path, ckpt: Checkpoint) -> None:
         "schedule_config": json.dumps(ckpt.schedule_config),
         "train_config": json.dumps(ckpt.train_config),
         "step": str(ckpt.step),
+        "kind": ckpt.kind,
     }
     atomic_save(tensors, metadata, path)
 
@@ -83,7 +87,8 @@ def load_model(path: Path) -> Checkpoint:
     params = {k[7:]: v for k, v in tensors.items() if k.startswith("params.")}
     ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     return Checkpoint(configs["model_config"], configs["schedule_config"],
-                      configs["train_config"], step, params, ema)
+                      configs["train_config"], step, params, ema,
+                      metadata.get("kind", KIND_UNET))
 
 
 def load_weights_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str

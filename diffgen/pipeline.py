@@ -15,13 +15,15 @@ from diffgen import checkpoint
 from diffgen.device import Precision
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
 from diffgen.errors import DiffgenError, InvalidSetting
-from diffgen.sampling import SamplerConfig, SeededNoise, sample, timesteps_for
+from diffgen.classifier import ClassifierConfig, NoisyClassifier
+from diffgen.sampling import NO_GUIDANCE, Guidance, SamplerConfig, SeededNoise, sample, timesteps_for
 from diffgen.shipped import shipped_file
 from diffgen.unet import UNet, UNetConfig, count_parameters
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = "model.safetensors"
+DEFAULT_CLASSIFIER = "classifier.safetensors"
 
 
 @dataclass
@@ -73,37 +75,82 @@ def fetch_from_hub(spec: str) -> Path:
     return Path(local)
 
 
+def read_checkpoint(path: Path | str | None, option: str, default: str, kind: str
+                    ) -> tuple[Path, checkpoint.Checkpoint]:
+    """Find (local, hub or shipped) and read a model file of ``kind``."""
+    if path is None:
+        path = shipped_file(default)
+    elif str(path).startswith(HUB_PREFIX):
+        path = fetch_from_hub(str(path))
+    path = Path(path)
+    if path.is_dir():
+        raise DiffgenError(f"{option} {path} is a folder; pass the {checkpoint.MODEL_FILE} in it")
+    if path.name == checkpoint.STATE_FILE:
+        raise DiffgenError(f"{option} {path} is a training state; pass the "
+                           f"{checkpoint.MODEL_FILE} beside it")
+    ckpt = checkpoint.load_model(path)
+    if ckpt.kind != kind:
+        other = "--classifier" if ckpt.kind == checkpoint.KIND_CLASSIFIER else "--weights"
+        what = ("a noisy classifier" if ckpt.kind == checkpoint.KIND_CLASSIFIER
+                else "a diffusion model")
+        raise DiffgenError(f"{option} {path} is {what}; pass it as {other}")
+    return path, ckpt
+
+
+def chosen_weights(ckpt: checkpoint.Checkpoint, path: Path, ema: bool) -> dict:
+    weights = ckpt.ema if ema else ckpt.params
+    broken = next((name for name, tensor in weights.items()
+                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if broken is not None:
+        raise DiffgenError(f"{path}: tensor {broken!r} holds NaN or infinite values")
+    return weights
+
+
 def load(path: Path | str | None, device: torch.device, ema: bool = True) -> LoadedModel:
     """Rebuild a U-Net from a diffgen model file; EMA weights unless ``ema`` is False.
 
     ``path`` is a local file, ``hf://owner/repo/file`` on the Hugging Face Hub, or None for
     the shipped model.
     """
-    if path is None:
-        path = default_weights()
-    elif str(path).startswith(HUB_PREFIX):
-        path = fetch_from_hub(str(path))
-    path = Path(path)
-    if path.is_dir():
-        raise DiffgenError(f"--weights {path} is a folder; pass the {DEFAULT_WEIGHTS} in it")
-    if path.name == checkpoint.STATE_FILE:
-        raise DiffgenError(f"--weights {path} is a training state; pass the {DEFAULT_WEIGHTS} "
-                           "beside it")
-    ckpt = checkpoint.load_model(path)
+    path, ckpt = read_checkpoint(path, "--weights", DEFAULT_WEIGHTS, checkpoint.KIND_UNET)
     config = UNetConfig.from_dict(ckpt.model_config)
     schedule = ScheduleConfig(**ckpt.schedule_config)
     model = UNet(config)
-    weights = ckpt.ema if ema else ckpt.params
-    broken = next((name for name, tensor in weights.items()
-                   if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
-    if broken is not None:
-        raise DiffgenError(f"{path}: tensor {broken!r} holds NaN or infinite values")
+    weights = chosen_weights(ckpt, path, ema)
     checkpoint.load_weights_into(model, weights, f"{path} ({'EMA' if ema else 'raw'} weights)")
     # channels-last convolutions sample about 25% faster on a CPU under bf16 and fp32.
     model.to(device, memory_format=torch.channels_last).eval()
     log.info("loaded %s: step %d, %s parameters, %s weights", path, ckpt.step,
              f"{count_parameters(model):,}", "EMA" if ema else "raw")
     return LoadedModel(model, GaussianDiffusion(schedule), path, ckpt.step, ckpt.train_config)
+
+
+def load_classifier(path: Path | str | None, loaded: LoadedModel, device: torch.device
+                    ) -> NoisyClassifier:
+    """The noisy classifier (EMA weights) for guiding ``loaded``; the shipped one for None.
+
+    It must share the model's noise schedule, image shape and classes.
+    """
+    path, ckpt = read_checkpoint(path, "--classifier", DEFAULT_CLASSIFIER,
+                                 checkpoint.KIND_CLASSIFIER)
+    config = ClassifierConfig.from_dict(ckpt.model_config)
+    if ScheduleConfig(**ckpt.schedule_config) != loaded.diffusion.config:
+        raise DiffgenError(f"--classifier {path} was trained on another noise schedule "
+                           f"({ckpt.schedule_config}) than {loaded.path}")
+    shape = (config.in_channels, *config.image_size)
+    if shape != (loaded.config.in_channels, *loaded.config.image_size):
+        raise DiffgenError(f"--classifier {path} reads {shape} images, {loaded.path} makes "
+                           f"{(loaded.config.in_channels, *loaded.config.image_size)}")
+    if config.num_classes != loaded.num_classes:
+        raise DiffgenError(f"--classifier {path} has {config.num_classes} classes, "
+                           f"{loaded.path} {loaded.num_classes}")
+    classifier = NoisyClassifier(config)
+    checkpoint.load_weights_into(classifier, chosen_weights(ckpt, path, True),
+                                 f"{path} (EMA weights)")
+    classifier.to(device).eval()
+    log.info("loaded classifier %s: step %d, %s parameters", path, ckpt.step,
+             f"{count_parameters(classifier):,}")
+    return classifier
 
 
 def class_labels(loaded: LoadedModel, classes: list[int], n: int) -> list[int]:
@@ -126,10 +173,10 @@ def seeds_for(seed: int, count: int) -> list[int]:
 
 def generate(loaded: LoadedModel, labels: list[int], seeds: list[int], config: SamplerConfig,
              device: torch.device, precision: Precision, batch_size: int,
-             callback=None) -> torch.Tensor:
+             callback=None, guidance: Guidance = NO_GUIDANCE) -> torch.Tensor:
     """Samples [N, C, H, W] in [-1, 1] for each (label, seed)."""
     return sample(loaded.model, loaded.diffusion, labels, seeds, config, device, precision,
-                  batch_size=batch_size, callback=callback)
+                  batch_size=batch_size, callback=callback, guidance=guidance)
 
 
 def frame_indices(num_steps: int, frames: int) -> list[int]:
@@ -141,7 +188,8 @@ def frame_indices(num_steps: int, frames: int) -> list[int]:
 
 def reverse_trajectory(loaded: LoadedModel, labels: list[int], seeds: list[int],
                        config: SamplerConfig, device: torch.device, precision: Precision,
-                       frames: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+                       frames: int, guidance: Guidance = NO_GUIDANCE
+                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
     """x_t and x̂_0 of every sample at ``frames`` steps of the reverse chain.
 
     Returns (x_t frames, x̂_0 frames, timesteps), each frame [N, C, H, W]; the first frame is
@@ -162,7 +210,7 @@ def reverse_trajectory(loaded: LoadedModel, labels: list[int], seeds: list[int],
 
     x_T = sample_start(loaded, seeds)
     final = sample(loaded.model, loaded.diffusion, labels, seeds, config, device, precision,
-                   batch_size=len(seeds), callback=record)
+                   batch_size=len(seeds), callback=record, guidance=guidance)
     x_t_frames[-1] = final
     return [x_T, *x_t_frames], [torch.zeros_like(x_T), *x_0_frames], [steps[0] + 1, *shown]
 
@@ -209,7 +257,8 @@ def strength_to_t(strength: float | None, t: int | None, num_timesteps: int) -> 
 
 def denoise(loaded: LoadedModel, x_0: torch.Tensor, labels: list[int], seeds: list[int],
             start: int | None, config: SamplerConfig, device: torch.device,
-            precision: Precision, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+            precision: Precision, batch_size: int, guidance: Guidance = NO_GUIDANCE
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDEdit (Meng et al. 2022): noise each x_0 to t_0, then run the reverse chain back.
 
     The number of steps scales with t_0 (``steps * (t_0 + 1) / T``, at least one); t_0 = T - 1
@@ -229,5 +278,6 @@ def denoise(loaded: LoadedModel, x_0: torch.Tensor, labels: list[int], seeds: li
         t_batch = torch.full((x_0.shape[0],), start, dtype=torch.long)
         noised = loaded.diffusion.q_sample(x_0, t_batch, noise_start)
     out = sample(loaded.model, loaded.diffusion, labels, seeds, run, device, precision,
-                 batch_size=batch_size, x_0=None if pure_noise else x_0, start=start)
+                 batch_size=batch_size, x_0=None if pure_noise else x_0, start=start,
+                 guidance=guidance)
     return noised, out

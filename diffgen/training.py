@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen import checkpoint
+from diffgen.classifier import ClassifierConfig, NoisyClassifier, accuracy_by_timestep
 from diffgen.data import Dataset
 from diffgen.device import Precision, autocast
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
@@ -50,6 +51,8 @@ class TrainConfig:
     log_every: int = 50  # steps between log lines
     seed: int = 0  # seeds initialisation and every per-step draw
     max_nan_steps: int = 5  # consecutive non-finite losses before training stops
+    holdout: int = 0  # the last N images of the data are kept out of training
+
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "max_nan_steps")
@@ -63,6 +66,8 @@ class TrainConfig:
             raise InvalidSetting(f"class dropout must be in [0, 1), got {self.class_dropout}")
         if not 0.0 < self.ema_decay < 1.0:
             raise InvalidSetting(f"EMA decay must be in (0, 1), got {self.ema_decay}")
+        if self.holdout < 0:
+            raise InvalidSetting(f"--holdout must be >= 0, got {self.holdout}")
         if self.warmup_steps < 0:
             raise InvalidSetting(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not self.grad_clip > 0:
@@ -125,8 +130,35 @@ class BatchSampler:
         return idx, t, eps, labels
 
 
+def training_part(data: Dataset, holdout: int) -> Dataset:
+    """The data without its last ``holdout`` images."""
+    if holdout == 0:
+        return data
+    if holdout >= len(data):
+        raise InvalidSetting(f"--holdout {holdout} leaves nothing of the {len(data)} images in "
+                             f"{data.source} to train on")
+    keep = len(data) - holdout
+    return Dataset(data.images[:keep], data.labels[:keep], data.class_names,
+                   f"{data.source} (first {keep} images)")
+
+
+def held_out_part(data: Dataset, holdout: int) -> Dataset | None:
+    """The last ``holdout`` images of the data; None when nothing is held out."""
+    if holdout == 0:
+        return None
+    return Dataset(data.images[-holdout:], data.labels[-holdout:], data.class_names,
+                   f"{data.source} (last {holdout} images)")
+
+
 class Trainer:
-    """Owns the model, EMA, optimizer and loss scaler of one training run in ``out_dir``."""
+    """Owns the model, EMA, optimizer and loss scaler of one training run in ``out_dir``.
+
+    This trains the U-Net ε_θ; subclasses change the network and the loss (see
+    :class:`ClassifierTrainer`), everything else is shared.
+    """
+
+    kind = checkpoint.KIND_UNET
+    config_class = UNetConfig
 
     def __init__(self, model_config: UNetConfig, schedule_config: ScheduleConfig,
                  train_config: TrainConfig, data: Dataset, out_dir: Path,
@@ -140,12 +172,14 @@ class Trainer:
                                f"{model_config.image_size}")
         self.model_config, self.schedule_config, self.config = (
             model_config, schedule_config, train_config)
+        self.held_out = held_out_part(data, train_config.holdout)
+        data = training_part(data, train_config.holdout)
         self.out_dir = Path(out_dir)
         self.device, self.precision = device, precision
         self.diffusion = GaussianDiffusion(schedule_config)
 
         torch.manual_seed(train_config.seed)
-        self.model = UNet(model_config).to(device)
+        self.model = self.build_model(model_config).to(device)
         self.ema = EMA(self.model, train_config.ema_decay)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr,
                                            weight_decay=train_config.weight_decay)
@@ -155,6 +189,17 @@ class Trainer:
         self.sampler = BatchSampler(data, train_config.batch_size,
                                     schedule_config.num_timesteps, train_config.seed,
                                     train_config.class_dropout, model_config.num_classes)
+
+    def build_model(self, config: UNetConfig) -> torch.nn.Module:
+        return UNet(config)
+
+    def per_sample_loss(self, x_0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                        labels: torch.Tensor) -> torch.Tensor:
+        """L_simple of each sample: || eps - ε_θ(x_t, t, y) ||² averaged over its pixels."""
+        x_t = self.diffusion.q_sample(x_0, t, eps)
+        with autocast(self.device, self.precision):
+            eps_pred = self.model(x_t, t, labels)
+        return F.mse_loss(eps_pred.float(), eps, reduction="none").mean(dim=(1, 2, 3))
 
     @property
     def model_path(self) -> Path:
@@ -179,7 +224,7 @@ class Trainer:
                                     self.scaler.state_dict())
         checkpoint.save_model(self.model_path, checkpoint.Checkpoint(
             self.model_config.to_dict(), self.schedule_config.to_dict(), self.config.to_dict(),
-            self.step, self.model.state_dict(), self.ema.state_dict()))
+            self.step, self.model.state_dict(), self.ema.state_dict(), self.kind))
         log.info("saved checkpoint at step %d to %s", self.step, self.model_path)
 
     def resume(self) -> None:
@@ -188,7 +233,10 @@ class Trainer:
             raise DiffgenError(f"--resume: no checkpoint in {self.out_dir} "
                                f"(need {checkpoint.MODEL_FILE} and {checkpoint.STATE_FILE})")
         ckpt = checkpoint.load_model(self.model_path)
-        if UNetConfig.from_dict(ckpt.model_config) != self.model_config:
+        if ckpt.kind != self.kind:
+            raise DiffgenError(f"--resume: {self.model_path} holds a {ckpt.kind}, not a "
+                               f"{self.kind}")
+        if self.config_class.from_dict(ckpt.model_config) != self.model_config:
             raise DiffgenError(f"--resume: {self.model_path} holds another model config")
         if ScheduleConfig(**ckpt.schedule_config) != self.schedule_config:
             raise DiffgenError(f"--resume: {self.model_path} holds another schedule config")
@@ -208,14 +256,11 @@ class Trainer:
         idx, t, eps, labels = self.sampler.draw(self.step)
         x_0 = self.images[idx.to(self.device)].float() / 127.5 - 1.0
         t, eps, labels = t.to(self.device), eps.to(self.device), labels.to(self.device)
-        x_t = self.diffusion.q_sample(x_0, t, eps)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
 
         torch.manual_seed(step_seed(self.config.seed, self.step))  # dropout masks
-        with autocast(self.device, self.precision):
-            eps_pred = self.model(x_t, t, labels)
-        per_sample = F.mse_loss(eps_pred.float(), eps, reduction="none").mean(dim=(1, 2, 3))
+        per_sample = self.per_sample_loss(x_0, t, eps, labels)
         loss = per_sample.mean()
         self.last_loss_by_quartile = self.loss_by_quartile(per_sample.detach(), t)
         if not torch.isfinite(loss):
@@ -238,7 +283,7 @@ class Trainer:
 
     def run(self, on_step: Callable[[StepStats], None] | None = None) -> int:
         """Train until ``config.steps``; checkpoint every N steps, at the end and on Ctrl-C."""
-        log.info("model: %s parameters, config %s", f"{count_parameters(self.model):,}",
+        log.info("%s: %s parameters, config %s", self.kind, f"{count_parameters(self.model):,}",
                  json.dumps(self.model_config.to_dict()))
         log.info("train config %s", json.dumps(self.config.to_dict()))
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +327,10 @@ class Trainer:
             self.save()
         return self.step
 
+    def final_report(self) -> dict:
+        """Figures reported when a run ends; the diffusion model has none beyond its log."""
+        return {}
+
     def write_log(self, log_file, stats: StepStats, elapsed: float) -> None:
         record = {"step": stats.step, "loss": None if stats.skipped else stats.loss, "lr": stats.lr,
                   "grad_norm": stats.grad_norm, "images_per_s": round(stats.images_per_s, 2),
@@ -305,16 +354,52 @@ def resume_trainer(out_dir: Path, device: torch.device, precision: Precision,
     if not model_path.is_file():
         raise DiffgenError(f"--resume: no checkpoint in {out_dir} (need {checkpoint.MODEL_FILE})")
     ckpt = checkpoint.load_model(model_path)
-    model_config = UNetConfig.from_dict(ckpt.model_config)
+    trainer_class = ClassifierTrainer if ckpt.kind == checkpoint.KIND_CLASSIFIER else Trainer
+    model_config = trainer_class.config_class.from_dict(ckpt.model_config)
     schedule_config = ScheduleConfig(**ckpt.schedule_config)
     train_config = TrainConfig(**ckpt.train_config)
     data = load_dataset(train_config.data, model_config.image_size, model_config.in_channels)
     if epochs is not None:
-        steps = epochs * max(1, len(data) // train_config.batch_size)
+        steps = epochs * max(1, (len(data) - train_config.holdout) // train_config.batch_size)
     overrides = {k: v for k, v in (("steps", steps), ("checkpoint_every", checkpoint_every))
                  if v is not None}
     train_config = replace(train_config, **overrides)
-    trainer = Trainer(model_config, schedule_config, train_config, data, out_dir, device,
-                      precision)
+    trainer = trainer_class(model_config, schedule_config, train_config, data, out_dir, device,
+                            precision)
     trainer.resume()
     return trainer
+
+
+class ClassifierTrainer(Trainer):
+    """Trains the noisy classifier p_φ(y | x_t, t) with cross-entropy at t uniform in 0..T-1."""
+
+    kind = checkpoint.KIND_CLASSIFIER
+    config_class = ClassifierConfig
+
+    def build_model(self, config: ClassifierConfig) -> torch.nn.Module:
+        if self.config.class_dropout:
+            raise InvalidSetting("the classifier trains on true labels; class dropout must be 0")
+        return NoisyClassifier(config)
+
+    def per_sample_loss(self, x_0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                        labels: torch.Tensor) -> torch.Tensor:
+        x_t = self.diffusion.q_sample(x_0, t, eps)
+        with autocast(self.device, self.precision):
+            logits = self.model(x_t, t)
+        return F.cross_entropy(logits.float(), labels, reduction="none")
+
+    def final_report(self) -> dict:
+        """Held-out accuracy at t = 0, T/4, T/2, 3T/4 and T - 1 of the EMA weights (logged)."""
+        if self.held_out is None:
+            return {}
+        classifier = NoisyClassifier(self.model_config).to(self.device)
+        classifier.load_state_dict(self.ema.state_dict())
+        last = self.diffusion.num_timesteps - 1
+        timesteps = sorted({0, last // 4, last // 2, 3 * last // 4, last})
+        accuracy = accuracy_by_timestep(classifier, self.diffusion, self.held_out.images,
+                                        self.held_out.labels, timesteps, self.device,
+                                        self.precision)
+        for t, value in accuracy.items():
+            log.info("held-out accuracy at t = %d: %.4f (%d images)", t, value,
+                     len(self.held_out))
+        return {"held_out_accuracy": {str(t): round(v, 4) for t, v in accuracy.items()}}

@@ -175,6 +175,65 @@ class AttentionBlock(nn.Module):
         return h + self.proj(out)
 
 
+def attention_at(config: UNetConfig, level: int, channels: int) -> nn.Module:
+    """Self-attention where the level's height is one of the attention resolutions."""
+    if config.level_heights()[level] in config.attention_resolutions:
+        return AttentionBlock(channels, config.num_groups, config.num_heads)
+    return nn.Identity()
+
+
+def build_down_path(config: UNetConfig, embed_dim: int) -> tuple[nn.ModuleList, list[int]]:
+    """The downsampling half: per level, residual blocks (+ attention), then a stride-2 conv.
+
+    Returns the layers and the channel count of every activation the up path takes as a skip,
+    starting with the input convolution's; the last entry is the channel count at the bottom.
+    """
+    base = config.base_channels
+    down = nn.ModuleList()
+    skip_channels = [base]
+    channels = base
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            out_ch = base * mult
+            down.append(nn.ModuleList([
+                ResBlock(channels, out_ch, embed_dim, config.num_groups, config.dropout),
+                attention_at(config, level, out_ch)]))
+            channels = out_ch
+            skip_channels.append(channels)
+        if level < len(config.channel_mult) - 1:
+            down.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+            skip_channels.append(channels)
+    return down, skip_channels
+
+
+def build_middle(config: UNetConfig, channels: int, embed_dim: int) -> nn.ModuleList:
+    """Residual block, self-attention, residual block at the lowest resolution."""
+    return nn.ModuleList([
+        ResBlock(channels, channels, embed_dim, config.num_groups, config.dropout),
+        AttentionBlock(channels, config.num_groups, config.num_heads),
+        ResBlock(channels, channels, embed_dim, config.num_groups, config.dropout),
+    ])
+
+
+def run_down_path(down: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor,
+                  skips: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """h through the down path; every output is appended to ``skips`` when given."""
+    for layer in down:
+        if isinstance(layer, nn.ModuleList):
+            h = layer[1](layer[0](h, emb))
+        else:
+            h = layer(h)
+        if skips is not None:
+            skips.append(h)
+    return h
+
+
+def run_middle(middle: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    h = middle[0](h, emb)
+    h = middle[1](h)
+    return middle[2](h, emb)
+
+
 class UNet(nn.Module):
     """ε_θ(x_t, t, y): x_t [B, C, H, W], t int64 [B], y int64 [B] (num_classes = null)."""
 
@@ -189,41 +248,20 @@ class UNet(nn.Module):
         self.class_embed = (nn.Embedding(config.num_classes + 1, embed_dim)
                             if config.num_classes else None)
         self.input_conv = nn.Conv2d(config.in_channels, base, 3, padding=1)
-        heights = config.level_heights()
 
         def block(in_ch: int, out_ch: int) -> ResBlock:
             return ResBlock(in_ch, out_ch, embed_dim, groups, config.dropout)
 
-        def attention(level: int, channels: int) -> nn.Module:
-            if heights[level] in config.attention_resolutions:
-                return AttentionBlock(channels, groups, config.num_heads)
-            return nn.Identity()
-
-        self.down = nn.ModuleList()
-        skip_channels = [base]
-        channels = base
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                out_ch = base * mult
-                self.down.append(nn.ModuleList([block(channels, out_ch),
-                                                attention(level, out_ch)]))
-                channels = out_ch
-                skip_channels.append(channels)
-            if level < len(config.channel_mult) - 1:
-                self.down.append(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
-                skip_channels.append(channels)
-
-        self.middle = nn.ModuleList([
-            block(channels, channels),
-            AttentionBlock(channels, groups, config.num_heads),
-            block(channels, channels),
-        ])
+        self.down, skip_channels = build_down_path(config, embed_dim)
+        channels = skip_channels[-1]
+        self.middle = build_middle(config, channels, embed_dim)
 
         self.up = nn.ModuleList()
         for level in reversed(range(len(config.channel_mult))):
             out_ch = base * config.channel_mult[level]
             for i in range(config.num_res_blocks + 1):
-                layers = [block(channels + skip_channels.pop(), out_ch), attention(level, out_ch)]
+                layers = [block(channels + skip_channels.pop(), out_ch),
+                          attention_at(config, level, out_ch)]
                 channels = out_ch
                 if level > 0 and i == config.num_res_blocks:
                     layers.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
@@ -251,18 +289,9 @@ class UNet(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
                 ) -> torch.Tensor:
         emb = self.embed(t, y)
-        h = self.input_conv(x_t)
-        skips = [h]
-        for layer in self.down:
-            if isinstance(layer, nn.ModuleList):
-                h = layer[1](layer[0](h, emb))
-            else:
-                h = layer(h)
-            skips.append(h)
-
-        h = self.middle[0](h, emb)
-        h = self.middle[1](h)
-        h = self.middle[2](h, emb)
+        skips = [self.input_conv(x_t)]
+        h = run_down_path(self.down, skips[0], emb, skips)
+        h = run_middle(self.middle, h, emb)
 
         for layers in self.up:
             h = layers[0](torch.cat([h, skips.pop()], dim=1), emb)
