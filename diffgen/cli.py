@@ -407,19 +407,63 @@ ClassOpt = Annotated[Optional[list[int]], typer.Option(
     "--class", "-c", help="Class to sample; repeat for several [default: all classes].")]
 RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead of the EMA "
                                                     "weights.")]
+ClassifierScaleOpt = Annotated[float, typer.Option(
+    min=0.0, help="Classifier guidance scale s: DDPM adds s * variance * grad log p(y | x_t) to "
+                  "the mean, DDIM subtracts sqrt(1 - alpha_bar) * s * grad from eps; 0 is off. "
+                  "About 1-3 for the conditional model, more with --unconditional.")]
+ClassifierOpt = Annotated[Optional[str], typer.Option(
+    help="Noisy classifier from diffgen train-classifier (or hf://...) [default: the shipped "
+         "one].")]
+CfgScaleOpt = Annotated[float, typer.Option(
+    min=0.0, help="Classifier-free guidance scale W: eps = eps_uncond + W * (eps_cond - "
+                  "eps_uncond). 1 is plain conditional sampling, 0 unconditional; the paper's "
+                  "(1 + w) * eps_cond - w * eps_uncond is W = 1 + w.")]
+UnconditionalOpt = Annotated[bool, typer.Option(
+    "--unconditional", help="Sample the model's unconditional mode (the null class); with "
+                            "--classifier-scale the classifier alone steers towards --class.")]
 
 
 def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: str | None, raw: bool,
-            device: str, precision: str):
-    """The sampler config, device, precision and loaded model every sampling command needs."""
+            device: str, precision: str, classifier_scale: float = 0.0,
+            classifier: str | None = None, cfg_scale: float = 1.0,
+            unconditional: bool = False):
+    """The sampler config, device, precision, loaded model and guidance of a sampling command.
+
+    The classifier is loaded only when its scale is not 0.
+    """
     from diffgen import device as devices
     from diffgen import pipeline
-    from diffgen.sampling import SamplerConfig
+    from diffgen.sampling import Guidance, SamplerConfig
 
     config = SamplerConfig(method="ddim" if ddim else "ddpm", steps=steps, eta=eta,
                            variance=variance)
+    Guidance(None, 0.0, cfg_scale, unconditional)  # settings errors before any loading
+    if classifier is not None and classifier_scale == 0.0:
+        log.warning("--classifier is unused without --classifier-scale")
     dev, prec = devices.resolve(device, precision)
-    return config, dev, prec, pipeline.load(weights, dev, ema=not raw)
+    loaded = pipeline.load(weights, dev, ema=not raw)
+    net = (pipeline.load_classifier(classifier, loaded, dev) if classifier_scale != 0.0
+           else None)
+    return config, dev, prec, loaded, Guidance(net, classifier_scale, cfg_scale, unconditional)
+
+
+def guided_labels(loaded, classes: list[int], n: int, guidance) -> list[int]:
+    """Labels of the samples: n per class, or n of the null class for plain unconditional
+    sampling (no class given, no classifier to steer)."""
+    from diffgen import pipeline
+
+    if guidance.unconditional and not guidance.uses_classifier:
+        if classes:
+            raise InvalidSetting("--class with --unconditional needs --classifier-scale to "
+                                 "steer towards it")
+        if n < 1:
+            raise InvalidSetting(f"--n must be at least 1, got {n}")
+        return [loaded.model.null_class] * n
+    return pipeline.class_labels(loaded, classes, n)
+
+
+def label_name(label: int, null_class: int) -> str:
+    return "uncond" if label == null_class else f"class{label}"
 
 
 class step_progress:  # noqa: N801
@@ -456,6 +500,10 @@ def sample_cmd(
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
     raw: RawOpt = False,
+    classifier_scale: ClassifierScaleOpt = 0.0,
+    classifier: ClassifierOpt = None,
+    cfg_scale: CfgScaleOpt = 1.0,
+    unconditional: UnconditionalOpt = False,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -470,16 +518,18 @@ def sample_cmd(
         images.check_output(out, (".png",))
     if out_dir is not None:
         check_folder(out_dir)
-    config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
-                                        precision)
+    config, dev, prec, loaded, guidance = prepare(
+        steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
+        classifier, cfg_scale, unconditional)
     config.check(loaded.diffusion.num_timesteps)
-    labels = pipeline.class_labels(loaded, classes or [], n)
+    labels = guided_labels(loaded, classes or [], n, guidance)
     seeds = pipeline.seeds_for(seed, len(labels))
     batches = -(-len(labels) // batch_size)
     log.info("sampling %d images in %d batch(es) of at most %d", len(labels), batches, batch_size)
     tic = time.perf_counter()
     with step_progress(batches * min(steps, loaded.diffusion.num_timesteps), "sampling") as cb:
-        samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size, cb)
+        samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size, cb,
+                                    guidance)
     seconds = time.perf_counter() - tic
     files = []
     if out is not None:
@@ -487,12 +537,15 @@ def sample_cmd(
                                           else min(len(labels), 8))))
     if out_dir is not None:
         for i, (image, label, s) in enumerate(zip(samples, labels, seeds)):
-            name = out_dir / f"{i:04d}_class{label}_seed{s}.png"
+            name = out_dir / f"{i:04d}_{label_name(label, loaded.model.null_class)}_seed{s}.png"
             files.append(str(images.save_image(image, name)))
     log.info("%d samples in %.1f s (%.1f img/s)", len(labels), seconds, len(labels) / seconds)
     if not json_out:
         typer.echo("\n".join(files))
-    emit_json(json_out, {"files": files, "classes": labels, "seeds": seeds,
+    emit_json(json_out, {"files": files,
+                         "classes": [None if k == loaded.model.null_class else k for k in labels],
+                         "seeds": seeds, "classifier_scale": classifier_scale,
+                         "cfg_scale": cfg_scale, "unconditional": unconditional,
                          "seconds": round(seconds, 3), "weights": str(loaded.path),
                          "device": str(dev), "precision": prec.name})
 
@@ -519,6 +572,10 @@ def trajectory(
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
     raw: RawOpt = False,
+    classifier_scale: ClassifierScaleOpt = 0.0,
+    classifier: ClassifierOpt = None,
+    cfg_scale: CfgScaleOpt = 1.0,
+    unconditional: UnconditionalOpt = False,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
@@ -534,9 +591,14 @@ def trajectory(
     if forward and show_x0:
         raise typer.BadParameter("--show-x0 applies to the reverse path only",
                                  param_hint="--show-x0")
-    config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
-                                        precision)
-    labels = pipeline.class_labels(loaded, classes or [], n)
+    guided = classifier_scale != 0.0 or cfg_scale != 1.0 or unconditional
+    if forward and guided:
+        raise typer.BadParameter("guidance applies to the reverse path only",
+                                 param_hint="--forward")
+    config, dev, prec, loaded, guidance = prepare(
+        steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
+        classifier, cfg_scale, unconditional)
+    labels = guided_labels(loaded, classes or [], n, guidance)
     seeds = pipeline.seeds_for(seed, len(labels))
     ncol = n if len(set(labels)) > 1 else min(len(labels), 8)
     ncol = len(labels) if len(labels) <= 10 and n == 1 else ncol
@@ -554,7 +616,7 @@ def trajectory(
         grids = [images.make_grid(x, ncol) for x in x_t_frames]
     else:
         x_t_frames, x_0_frames, shown = pipeline.reverse_trajectory(
-            loaded, labels, seeds, config, dev, prec, frames)
+            loaded, labels, seeds, config, dev, prec, frames, guidance)
         grids = [images.make_grid(x, ncol) for x in x_t_frames]
         if show_x0:
             grids = [torch.cat([g, images.make_grid(x0, ncol)], dim=2)
@@ -567,7 +629,8 @@ def trajectory(
     if not json_out:
         typer.echo(out)
     emit_json(json_out, {"files": [str(out)], "frames": len(grids), "timesteps": shown,
-                         "classes": labels, "seeds": seeds, "seconds": round(seconds, 3)})
+                         "classes": [None if k == loaded.model.null_class else k for k in labels],
+                         "seeds": seeds, "seconds": round(seconds, 3)})
 
 
 def real_examples(dataset, labels: list[int], seed: int):
@@ -606,6 +669,9 @@ def denoise_cmd(
     seed: SeedOpt = 0,
     weights: WeightsOpt = None,
     raw: RawOpt = False,
+    classifier_scale: ClassifierScaleOpt = 0.0,
+    classifier: ClassifierOpt = None,
+    cfg_scale: CfgScaleOpt = 1.0,
     batch_size: BatchOpt = 64,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -631,8 +697,12 @@ def denoise_cmd(
     else:
         targets = [check_folder(out_dir) / f"{p.stem}.png" for p in inputs]
     check_targets(inputs, targets)
-    config, dev, prec, loaded = prepare(steps, ddim, eta, variance, weights, raw, device,
-                                        precision)
+    if classes is None and (classifier_scale != 0.0 or cfg_scale != 1.0):
+        raise typer.BadParameter("guidance steers towards a class; give --class",
+                                 param_hint="--class")
+    config, dev, prec, loaded, guidance = prepare(
+        steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
+        classifier, cfg_scale)
     start = pipeline.strength_to_t(strength, t, loaded.diffusion.num_timesteps)
     if classes is not None:
         pipeline.class_labels(loaded, [classes], 1)
@@ -642,7 +712,7 @@ def denoise_cmd(
     seeds = pipeline.seeds_for(seed, len(inputs))
     tic = time.perf_counter()
     noised, result = pipeline.denoise(loaded, x_0, [label] * len(inputs), seeds, start, config,
-                                      dev, prec, batch_size)
+                                      dev, prec, batch_size, guidance)
     seconds = time.perf_counter() - tic
     files = []
     for target, original, noisy, clean in zip(targets, x_0, noised, result):
@@ -652,6 +722,96 @@ def denoise_cmd(
         typer.echo("\n".join(files))
     emit_json(json_out, {"files": files, "t_start": start, "seeds": seeds,
                          "seconds": round(seconds, 3)})
+
+
+@app.command()
+def evaluate(
+    weights: WeightsOpt = None,
+    images_dir: Annotated[Optional[Path], typer.Option(
+        "--images", help="Rate the images in this folder instead of sampling: classes from "
+                         "sub-folders 0..9, or from names like 0007_class3_seed7.png.")] = None,
+    n: Annotated[int, typer.Option("--n", "-n", min=1, help="Samples per class.")] = 100,
+    steps: StepsOpt = 50,
+    ddim: DdimOpt = True,
+    eta: EtaOpt = 0.0,
+    variance: VarianceOpt = "small",
+    seed: SeedOpt = 0,
+    raw: RawOpt = False,
+    classifier_scale: ClassifierScaleOpt = 0.0,
+    classifier: ClassifierOpt = None,
+    cfg_scale: CfgScaleOpt = 1.0,
+    unconditional: UnconditionalOpt = False,
+    judge: Annotated[Optional[Path], typer.Option(help="Digit judge file [default: the shipped "
+                                                       "judge].")] = None,
+    batch_size: BatchOpt = 100,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    """Rate samples offline: judge accuracy, Fréchet distance, precision/recall, diversity.
+
+    Samples n digits per class (or reads --images) and scores them, and as the floor as many
+    real digits, against the 2,000 held-out real digits with the shipped digit judge.
+    """
+    from diffgen import pipeline, quality
+    from diffgen.judge import NUM_CLASSES, load_judge
+
+    settings: dict = {}
+    if images_dir is not None:
+        sampling = [name for name, value in (("--weights", weights), ("--classifier", classifier))
+                    if value is not None]
+        if classifier_scale or cfg_scale != 1.0 or unconditional:
+            sampling.append("guidance options")
+        if sampling:
+            raise typer.BadParameter(f"{sampling[0]} applies to sampling, not to --images",
+                                     param_hint="--images")
+        found = quality.read_images(images_dir)
+        samples, labels, seconds = found.images, found.labels, None
+        settings["images"] = found.source
+        log.info("read %d images from %s (%s)", len(samples), found.source,
+                 "labelled" if labels else "no classes")
+        the_judge = load_judge(judge)
+    else:
+        config, dev, prec, loaded, guidance = prepare(
+            steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
+            classifier, cfg_scale, unconditional)
+        shape = (loaded.config.in_channels, *loaded.config.image_size)
+        if shape != (1, 28, 28) or loaded.num_classes != NUM_CLASSES:
+            raise DiffgenError(f"{loaded.path} makes {shape[0]}x{shape[1]}x{shape[2]} images in "
+                               f"{loaded.num_classes} classes; the judge rates 1x28x28 digits "
+                               f"in {NUM_CLASSES}")
+        config.check(loaded.diffusion.num_timesteps)
+        the_judge = load_judge(judge)
+        plain = guidance.unconditional and not guidance.uses_classifier
+        labels = guided_labels(loaded, [], n * NUM_CLASSES if plain else n, guidance)
+        seeds = pipeline.seeds_for(seed, len(labels))
+        batches = -(-len(labels) // batch_size)
+        log.info("sampling %d digits with %s, %d steps", len(labels), config.method, steps)
+        tic = time.perf_counter()
+        with step_progress(batches * steps, "sampling") as cb:
+            samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size,
+                                        cb, guidance)
+        seconds = time.perf_counter() - tic
+        if plain:
+            labels = None
+        settings.update(weights=str(loaded.path), step=loaded.step, sampler=config.method,
+                        steps=steps, eta=eta, classifier_scale=classifier_scale,
+                        cfg_scale=cfg_scale, unconditional=unconditional, n_per_class=n,
+                        seed=seed, device=str(dev), precision=prec.name,
+                        sampling_seconds=round(seconds, 2),
+                        images_per_s=round(len(samples) / seconds, 2))
+    result = {**settings, **quality.evaluate_with_floor(samples, labels, the_judge)}
+    if json_out:
+        emit_json(True, result)
+        return
+    if images_dir is None:
+        typer.echo(f"{result['weights']} (step {result['step']}): {n} per class, "
+                   f"{result['sampler']} {steps} steps, classifier scale {classifier_scale:g}, "
+                   f"cfg scale {cfg_scale:g}{', unconditional' if unconditional else ''}; "
+                   f"{result['images_per_s']:.1f} img/s")
+    else:
+        typer.echo(f"{result['images']}: {result['n']} images")
+    typer.echo(quality.format_table(result))
 
 
 def check_targets(inputs: list[Path], targets: list[Path]) -> None:
