@@ -282,7 +282,7 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
     if opts["resume"]:
         trainer = resume_trainer(out, dev, prec, steps=None if default_steps else steps,
                                  epochs=epochs, checkpoint_every=opts["checkpoint_every"])
-        if not isinstance(trainer, trainer_class):
+        if trainer.kind != trainer_class.kind:
             raise DiffgenError(f"--resume: {out} holds a {trainer.kind} run; resume it with "
                                f"diffgen {'train' if trainer.kind == 'unet' else 'train-classifier'}")
     else:
@@ -408,14 +408,14 @@ ClassOpt = Annotated[Optional[list[int]], typer.Option(
 RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead of the EMA "
                                                     "weights.")]
 ClassifierScaleOpt = Annotated[float, typer.Option(
-    min=0.0, help="Classifier guidance scale s: DDPM adds s * variance * grad log p(y | x_t) to "
+    help="Classifier guidance scale s: DDPM adds s * variance * grad log p(y | x_t) to "
                   "the mean, DDIM subtracts sqrt(1 - alpha_bar) * s * grad from eps; 0 is off. "
                   "About 1-3 for the conditional model, more with --unconditional.")]
 ClassifierOpt = Annotated[Optional[str], typer.Option(
     help="Noisy classifier from diffgen train-classifier (or hf://...) [default: the shipped "
          "one].")]
 CfgScaleOpt = Annotated[float, typer.Option(
-    min=0.0, help="Classifier-free guidance scale W: eps = eps_uncond + W * (eps_cond - "
+    help="Classifier-free guidance scale W: eps = eps_uncond + W * (eps_cond - "
                   "eps_uncond). 1 is plain conditional sampling, 0 unconditional; the paper's "
                   "(1 + w) * eps_cond - w * eps_uncond is W = 1 + w.")]
 UnconditionalOpt = Annotated[bool, typer.Option(
@@ -437,7 +437,7 @@ def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: str | No
 
     config = SamplerConfig(method="ddim" if ddim else "ddpm", steps=steps, eta=eta,
                            variance=variance)
-    Guidance(None, 0.0, cfg_scale, unconditional)  # settings errors before any loading
+    Guidance.check(classifier_scale, cfg_scale, unconditional)  # before any loading
     if classifier is not None and classifier_scale == 0.0:
         log.warning("--classifier is unused without --classifier-scale")
     dev, prec = devices.resolve(device, precision)
@@ -593,8 +593,7 @@ def trajectory(
                                  param_hint="--show-x0")
     guided = classifier_scale != 0.0 or cfg_scale != 1.0 or unconditional
     if forward and guided:
-        raise typer.BadParameter("guidance applies to the reverse path only",
-                                 param_hint="--forward")
+        raise InvalidSetting("guidance applies to the reverse path only, not to --forward")
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
         classifier, cfg_scale, unconditional)
@@ -698,8 +697,7 @@ def denoise_cmd(
         targets = [check_folder(out_dir) / f"{p.stem}.png" for p in inputs]
     check_targets(inputs, targets)
     if classes is None and (classifier_scale != 0.0 or cfg_scale != 1.0):
-        raise typer.BadParameter("guidance steers towards a class; give --class",
-                                 param_hint="--class")
+        raise InvalidSetting("guidance steers towards a class; give --class")
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
         classifier, cfg_scale)
@@ -763,8 +761,7 @@ def evaluate(
         if classifier_scale or cfg_scale != 1.0 or unconditional:
             sampling.append("guidance options")
         if sampling:
-            raise typer.BadParameter(f"{sampling[0]} applies to sampling, not to --images",
-                                     param_hint="--images")
+            raise InvalidSetting(f"{sampling[0]} applies to sampling, not to --images")
         found = quality.read_images(images_dir)
         samples, labels, seconds = found.images, found.labels, None
         settings["images"] = found.source

@@ -79,7 +79,7 @@ def read_checkpoint(path: Path | str | None, option: str, default: str, kind: st
                     ) -> tuple[Path, checkpoint.Checkpoint]:
     """Find (local, hub or shipped) and read a model file of ``kind``."""
     if path is None:
-        path = shipped_file(default)
+        path = shipped_file(default, option)
     elif str(path).startswith(HUB_PREFIX):
         path = fetch_from_hub(str(path))
     path = Path(path)

@@ -163,7 +163,8 @@ def evaluate_samples(samples: torch.Tensor, labels: list[int] | None, judge: tor
             "diversity_ratio": own / real if own is not None and real else None,
         })
     worst = min(result["per_class"], key=lambda entry: entry["accuracy"])
-    ratios = [e["diversity_ratio"] for e in result["per_class"] if e["diversity_ratio"]]
+    ratios = [e["diversity_ratio"] for e in result["per_class"]
+              if e["diversity_ratio"] is not None]
     result.update(accuracy=float((predicted == label_tensor).double().mean()),
                   min_class_accuracy=worst["accuracy"], min_class=worst["class"],
                   mean_diversity_ratio=sum(ratios) / len(ratios) if ratios else None)

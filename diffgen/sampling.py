@@ -81,13 +81,18 @@ class Guidance:
     unconditional: bool = False  # run ε_θ on the null class (the labels only steer s)
 
     def __post_init__(self) -> None:
-        for name, value in (("--classifier-scale", self.classifier_scale),
-                            ("--cfg-scale", self.cfg_scale)):
-            if not math.isfinite(value) or value < 0:
-                raise InvalidSetting(f"{name} must be a finite number >= 0, got {value}")
+        self.check(self.classifier_scale, self.cfg_scale, self.unconditional)
         if self.classifier_scale and self.classifier is None:
             raise InvalidSetting("--classifier-scale needs a classifier")
-        if self.unconditional and self.cfg_scale != 1.0:
+
+    @staticmethod
+    def check(classifier_scale: float, cfg_scale: float, unconditional: bool) -> None:
+        """Refuse settings that cannot work, before any model is loaded."""
+        for name, value in (("--classifier-scale", classifier_scale),
+                            ("--cfg-scale", cfg_scale)):
+            if not math.isfinite(value) or value < 0:
+                raise InvalidSetting(f"{name} must be a finite number >= 0, got {value}")
+        if unconditional and cfg_scale != 1.0:
             raise InvalidSetting("--cfg-scale mixes conditional and unconditional passes; it "
                                  "cannot be used with --unconditional")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from diffgen.errors import DiffgenError
 
 
-def shipped_file(name: str) -> Path:
+def shipped_file(name: str, option: str = "--weights") -> Path:
     """Path of a file shipped in ``weights/``.
 
     An installed diffgen carries it as the package ``diffgen.weights``; a source checkout run
@@ -20,5 +20,5 @@ def shipped_file(name: str) -> Path:
         path = Path(__file__).resolve().parent.parent / "weights" / name
     if not path.is_file():
         raise DiffgenError(f"the shipped file {path} is missing; reinstall diffgen or pass "
-                           "--weights")
+                           f"{option}")
     return path

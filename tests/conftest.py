@@ -49,3 +49,16 @@ def tiny_model(few_digits: Dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-run")
     make_trainer(few_digits, out, steps=3).run()
     return out / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(few_digits: Dataset, tmp_path_factory) -> Path:
+    """A tiny noisy-classifier file trained for 2 steps."""
+    from diffgen.classifier import ClassifierConfig
+    from diffgen.training import ClassifierTrainer
+
+    out = tmp_path_factory.mktemp("tiny-classifier")
+    train_config = TrainConfig(steps=2, batch_size=8, warmup_steps=1, class_dropout=0.0)
+    ClassifierTrainer(ClassifierConfig(**TINY), ScheduleConfig(), train_config, few_digits, out,
+                      torch.device("cpu"), Precision("fp32")).run()
+    return out / "model.safetensors"

@@ -1,10 +1,9 @@
-"""evaluate_samples on real digits, pure noise and hand-made images; the quality entry point."""
+"""The quality figures on real digits, pure noise, hand-made images and features with known
+Fréchet distances."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,9 @@ import torch
 from diffgen.data import Dataset
 from diffgen.errors import DiffgenError
 from diffgen.judge import TRAIN_COUNT, Judge, load_judge, to_unit_range
-from diffgen.quality import (evaluate_samples, format_table, held_out_digits, main,
-                             mean_pairwise_distance)
+from diffgen.quality import (evaluate_samples, evaluate_with_floor, floor_digits, format_table,
+                             frechet_distance, held_out_digits, mean_pairwise_distance,
+                             precision_recall)
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +90,15 @@ def test_hand_made_distances() -> None:
 
 
 def test_hand_made_ratio_and_single_samples(judge: Judge) -> None:
-    real = Dataset(torch.tensor([0, 255], dtype=torch.uint8).repeat_interleave(784)
-                   .reshape(2, 1, 28, 28), torch.tensor([3, 3]), [str(i) for i in range(10)],
-                   "black and white threes")
-    samples = torch.cat([-torch.ones(2, 1, 28, 28), torch.zeros(1, 1, 28, 28)])
-    result = evaluate_samples(samples, [3, 3, 5], judge, real)
+    # four real threes, black, white, black, white: 4 of 6 pairs lie 56 apart
+    real = Dataset(torch.tensor([0, 255, 0, 255], dtype=torch.uint8).repeat_interleave(784)
+                   .reshape(4, 1, 28, 28), torch.tensor([3, 3, 3, 3]),
+                   [str(i) for i in range(10)], "black and white threes")
+    samples = torch.cat([-torch.ones(3, 1, 28, 28), torch.zeros(1, 1, 28, 28)])
+    result = evaluate_samples(samples, [3, 3, 3, 5], judge, real)
     three, five = result["per_class"]
-    assert (three["class"], three["n"], five["class"], five["n"]) == (3, 2, 5, 1)
-    assert three["diversity"] == 0.0 and three["real_diversity"] == pytest.approx(56.0)
+    assert (three["class"], three["n"], five["class"], five["n"]) == (3, 3, 5, 1)
+    assert three["diversity"] == 0.0 and three["real_diversity"] == pytest.approx(56 * 4 / 6)
     assert three["diversity_ratio"] == 0.0
     assert five["diversity"] is None and five["diversity_ratio"] is None
     assert result["mean_diversity_ratio"] == 0.0
@@ -112,24 +113,60 @@ def test_bad_inputs(judge: Judge, held_out: Dataset) -> None:
         evaluate_samples(torch.zeros(4, 3, 28, 28), [0] * 4, judge, held_out)
     with pytest.raises(DiffgenError, match="0..9"):
         evaluate_samples(x, [0, 1, 2, 10], judge, held_out)
+    with pytest.raises(DiffgenError, match="more than 3"):
+        evaluate_samples(x[:3], [0, 1, 2], judge, held_out)
+    with pytest.raises(DiffgenError, match="NaN"):
+        evaluate_samples(x.fill_(float("nan")), [0] * 4, judge, held_out)
 
 
-def test_entry_point_json(tiny_model: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["--weights", str(tiny_model), "--n", "2", "--steps", "2", "--json",
-                 "--device", "cpu", "--precision", "fp32", "--batch-size", "8"])
-    assert code == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 20 and result["n_per_class"] == 2 and result["sampler"] == "ddim"
-    assert [entry["class"] for entry in result["per_class"]] == list(range(10))
-    assert 0.0 <= result["accuracy"] <= 1.0
+def test_frechet_distance_of_known_shifts_and_scalings() -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 16, generator=generator, dtype=torch.float64)
+    shift = torch.arange(16, dtype=torch.float64) / 4
+    # same covariance: the trace terms cancel and FD is the squared mean shift, 77.5
+    assert float(shift.square().sum()) == pytest.approx(77.5)
+    assert frechet_distance(x, x + shift) == pytest.approx(77.5, rel=1e-9)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-9)
+    # b = 2 (x - mean): covariance 4 Σ, so FD = |mean|² + Tr(Σ + 4Σ - 2 * 2Σ) = |mean|² + Tr(Σ)
+    centred = x - x.mean(0)
+    expected = float(x.mean(0).square().sum() + torch.cov(x.T).trace())
+    assert frechet_distance(x, 2 * centred) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(x + shift, x) == pytest.approx(frechet_distance(x, x + shift))
 
 
-def test_entry_point_table_and_errors(tiny_model: Path, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture) -> None:
-    code = main(["--weights", str(tiny_model), "--n", "1", "--steps", "2", "--ddpm",
-                 "--device", "cpu", "--precision", "fp32"])
-    assert code == 0
-    out = capsys.readouterr().out
-    assert "overall accuracy" in out and out.count("\n") == 14
-    assert main(["--weights", str(tmp_path / "missing.safetensors"), "--n", "1"]) == 1
-    assert "Error:" in capsys.readouterr().err
+def test_precision_and_recall_of_overlapping_and_disjoint_sets() -> None:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 8, generator=generator, dtype=torch.float64)
+    assert precision_recall(x, x) == (1.0, 1.0)
+    assert precision_recall(x + 100.0, x) == (0.0, 0.0)
+    # samples collapsed onto one real point: all precise, recall only that point's neighbourhood
+    collapsed = x[:1].repeat(50, 1) + 1e-9 * torch.randn(50, 8, generator=generator,
+                                                           dtype=torch.float64)
+    precision, recall = precision_recall(collapsed, x)
+    assert precision == 1.0 and recall <= 0.02
+
+
+def test_real_digits_score_at_the_floor_and_noise_far_from_it(judge: Judge) -> None:
+    labels = [k for k in range(10) for _ in range(50)]
+    real, real_labels = floor_digits(labels, 500, seed=7)  # not the floor's own draw (seed 0)
+    assert sorted(real_labels) == sorted(labels)
+    result = evaluate_with_floor(real, real_labels, judge)
+    floor = result["floor"]
+    assert result["accuracy"] >= 0.98 and floor["accuracy"] >= 0.98
+    assert result["fd"] == pytest.approx(floor["fd"], rel=0.35)
+    assert result["recall"] == pytest.approx(floor["recall"], abs=0.06)
+    noise = torch.randn(500, 1, 28, 28, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    bad = evaluate_with_floor(noise, labels, judge)
+    assert bad["fd"] > 20 * floor["fd"]
+    assert bad["precision"] < 0.05 and bad["recall"] < 0.05
+    assert bad["floor"] == floor  # the floor depends on the labels and seed only
+
+
+def test_unlabelled_images_get_every_figure_but_class_accuracy(judge: Judge) -> None:
+    real, none = floor_digits(None, 200, seed=3)
+    assert none is None and real.shape == (200, 1, 28, 28)
+    result = evaluate_with_floor(real, None, judge)
+    assert result["accuracy"] is None and result["per_class"] == []
+    assert result["floor"]["accuracy"] is None and result["fd"] > 0
+    assert 0.8 < result["mean_diversity_ratio"] < 1.2
+    assert "accuracy" in format_table(result)
