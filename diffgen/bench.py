@@ -26,12 +26,13 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffgen.classifier import log_prob_grad
 from diffgen.data import packaged_mnist
 from diffgen.device import Precision
 from diffgen.diffusion import ScheduleConfig
 from diffgen.errors import DiffgenError
-from diffgen.pipeline import LoadedModel, default_weights, generate, load
-from diffgen.sampling import SamplerConfig
+from diffgen.pipeline import LoadedModel, default_weights, generate, load, load_classifier
+from diffgen.sampling import NO_GUIDANCE, Guidance, SamplerConfig
 from diffgen.training import TrainConfig, Trainer
 from diffgen.unet import UNetConfig, count_parameters
 
@@ -212,8 +213,8 @@ def train_images_per_s(config: UNetConfig, schedule: ScheduleConfig, batch_size:
     return batch_size * steps / seconds
 
 
-def diffgen_sampler(loaded: LoadedModel, batch_size: int, precision_name: str
-                    ) -> Callable[[int], None]:
+def diffgen_sampler(loaded: LoadedModel, batch_size: int, precision_name: str,
+                    guidance: Guidance = NO_GUIDANCE) -> Callable[[int], None]:
     """A function that draws one batch with diffgen's DDIM sampler in ``steps`` steps."""
     labels = [i % loaded.num_classes for i in range(batch_size)]
     seeds = list(range(batch_size))
@@ -221,7 +222,7 @@ def diffgen_sampler(loaded: LoadedModel, batch_size: int, precision_name: str
 
     def run(steps: int) -> None:
         generate(loaded, labels, seeds, SamplerConfig(method="ddim", steps=steps),
-                 torch.device("cpu"), precision, batch_size=batch_size)
+                 torch.device("cpu"), precision, batch_size=batch_size, guidance=guidance)
 
     return run
 
@@ -325,6 +326,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     for name, value in speeds.items():
         lib, precision = name.split("_")
         report[lib][f"sample_images_per_s_{precision}"] = value
+    report["guidance"] = guidance_cost(loaded, args)
     dg = report["diffgen"]
     dg["bf16_peak_share"] = peak_share(dg_flops, args.steps, dg["sample_images_per_s_bf16"],
                                        peaks["bf16"] * 1e9)
@@ -337,6 +339,35 @@ def benchmark(args: argparse.Namespace) -> dict:
                 / max(df["sample_images_per_s_fp32"], df["sample_images_per_s_bf16"]))
         report["ratio_diffgen_over_diffusers"]["best"] = best
     return report
+
+
+def guidance_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict | None:
+    """bf16 DDIM img/s with each kind of guidance, timed interleaved with unguided sampling.
+
+    Classifier guidance adds one classifier forward and backward per step; classifier-free
+    guidance doubles the U-Net batch. None when the shipped classifier is missing.
+    """
+    try:
+        classifier = load_classifier(args.classifier, loaded, torch.device("cpu"))
+    except DiffgenError as err:
+        log(f"no guidance figures: {err}")
+        return None
+    x = torch.randn(1, loaded.config.in_channels, *loaded.config.image_size)
+    classifier_flops = flops_per_call(lambda: log_prob_grad(classifier, x, torch.tensor([500]),
+                                                            torch.tensor([0]), Precision("fp32")))
+    runners = {
+        "unguided": diffgen_sampler(loaded, args.batch_size, "bf16"),
+        "classifier": diffgen_sampler(loaded, args.batch_size, "bf16", Guidance(classifier, 1.0)),
+        "cfg": diffgen_sampler(loaded, args.batch_size, "bf16", Guidance(cfg_scale=2.0)),
+        "both": diffgen_sampler(loaded, args.batch_size, "bf16",
+                                Guidance(classifier, 1.0, cfg_scale=2.0)),
+    }
+    log("guidance: unguided, classifier, classifier-free and both, bf16")
+    speeds = sample_images_per_s(runners, args.batch_size, args.steps, args.repeats)
+    return {"classifier_parameters": count_parameters(classifier),
+            "classifier_forward_backward_flops": classifier_flops,
+            "images_per_s_bf16": speeds,
+            "time_vs_unguided": {k: speeds["unguided"] / v for k, v in speeds.items()}}
 
 
 def format_report(report: dict) -> str:
@@ -391,6 +422,17 @@ def format_report(report: dict) -> str:
                  "peak")
     if ratio:
         lines.append("ratio = diffgen img/s / diffusers img/s (above 1: diffgen is faster)")
+    guidance = report.get("guidance")
+    if guidance:
+        lines.append("")
+        lines.append(f"guidance, bf16 DDIM-{report['steps']} (classifier: "
+                     f"{guidance['classifier_parameters']:,} parameters, "
+                     f"{guidance['classifier_forward_backward_flops'] / 1e6:,.1f} MFLOPs/image "
+                     "forward + backward)")
+        for name, label in (("unguided", "unguided"), ("classifier", "classifier guidance"),
+                            ("cfg", "classifier-free guidance"), ("both", "both")):
+            lines.append(f"  {label:<26}{guidance['images_per_s_bf16'][name]:8.2f} img/s  "
+                         f"{guidance['time_vs_unguided'][name]:.2f}x the time")
     return "\n".join(lines)
 
 
@@ -403,6 +445,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure")
     parser.add_argument("--train-batch-size", type=int, default=128)
     parser.add_argument("--train-steps", type=int, default=3, help="timed steps per training run")
+    parser.add_argument("--classifier", help="noisy classifier for the guidance figures "
+                                             "(default: the shipped one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "repeats", "train_batch_size", "train_steps"):

@@ -86,6 +86,10 @@ def report(with_diffusers: bool) -> dict:
            "diffusers": df if with_diffusers else None}
     if with_diffusers:
         out["ratio_diffgen_over_diffusers"] = {"fp32": 2.0, "bf16": 2.5, "best": 2.5}
+        speeds = {"unguided": 20.0, "classifier": 12.5, "cfg": 10.0, "both": 8.0}
+        out["guidance"] = {"classifier_parameters": 700, "classifier_forward_backward_flops": 3e6,
+                           "images_per_s_bf16": speeds,
+                           "time_vs_unguided": {k: 20.0 / v for k, v in speeds.items()}}
     return out
 
 
@@ -94,6 +98,12 @@ def test_format_report(with_diffusers: bool) -> None:
     text = bench.format_report(report(with_diffusers))
     assert "sample img/s bf16" in text
     assert ("2.50" in text) == with_diffusers
+    # guidance: classifier 20 / 12.5 = 1.60x the time of unguided sampling, cfg 2.00x
+    lines = [line.split() for line in text.splitlines()]
+    assert (["classifier", "guidance", "12.50", "img/s", "1.60x", "the", "time"] in lines
+            ) == with_diffusers
+    assert (["classifier-free", "guidance", "10.00", "img/s", "2.00x", "the", "time"] in lines
+            ) == with_diffusers
     assert all(len(line) <= 100 for line in text.splitlines())
 
 
