@@ -283,8 +283,9 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
         trainer = resume_trainer(out, dev, prec, steps=None if default_steps else steps,
                                  epochs=epochs, checkpoint_every=opts["checkpoint_every"])
         if trainer.kind != trainer_class.kind:
+            command = "train" if trainer.kind == checkpoint.KIND_UNET else "train-classifier"
             raise DiffgenError(f"--resume: {out} holds a {trainer.kind} run; resume it with "
-                               f"diffgen {'train' if trainer.kind == 'unet' else 'train-classifier'}")
+                               f"diffgen {command}")
     else:
         size = parse_size(opts["image_size"])
         mult = parse_ints(opts["channel_mult"], "--channel-mult")
@@ -447,21 +448,6 @@ def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: str | No
     return config, dev, prec, loaded, Guidance(net, classifier_scale, cfg_scale, unconditional)
 
 
-def guided_labels(loaded, classes: list[int], n: int, guidance) -> list[int]:
-    """Labels of the samples: n per class, or n of the null class for plain unconditional
-    sampling (no class given, no classifier to steer)."""
-    from diffgen import pipeline
-
-    if guidance.unconditional and not guidance.uses_classifier:
-        if classes:
-            raise InvalidSetting("--class with --unconditional needs --classifier-scale to "
-                                 "steer towards it")
-        if n < 1:
-            raise InvalidSetting(f"--n must be at least 1, got {n}")
-        return [loaded.model.null_class] * n
-    return pipeline.class_labels(loaded, classes, n)
-
-
 def label_name(label: int, null_class: int) -> str:
     return "uncond" if label == null_class else f"class{label}"
 
@@ -522,7 +508,7 @@ def sample_cmd(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
         classifier, cfg_scale, unconditional)
     config.check(loaded.diffusion.num_timesteps)
-    labels = guided_labels(loaded, classes or [], n, guidance)
+    labels = pipeline.guided_labels(loaded, classes or [], n, guidance)
     seeds = pipeline.seeds_for(seed, len(labels))
     batches = -(-len(labels) // batch_size)
     log.info("sampling %d images in %d batch(es) of at most %d", len(labels), batches, batch_size)
@@ -597,7 +583,7 @@ def trajectory(
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
         classifier, cfg_scale, unconditional)
-    labels = guided_labels(loaded, classes or [], n, guidance)
+    labels = pipeline.guided_labels(loaded, classes or [], n, guidance)
     seeds = pipeline.seeds_for(seed, len(labels))
     ncol = n if len(set(labels)) > 1 else min(len(labels), 8)
     ncol = len(labels) if len(labels) <= 10 and n == 1 else ncol
@@ -754,7 +740,6 @@ def evaluate(
     from diffgen import pipeline, quality
     from diffgen.judge import NUM_CLASSES, load_judge
 
-    settings: dict = {}
     if images_dir is not None:
         sampling = [name for name, value in (("--weights", weights), ("--classifier", classifier))
                     if value is not None]
@@ -763,41 +748,19 @@ def evaluate(
         if sampling:
             raise InvalidSetting(f"{sampling[0]} applies to sampling, not to --images")
         found = quality.read_images(images_dir)
-        samples, labels, seconds = found.images, found.labels, None
-        settings["images"] = found.source
-        log.info("read %d images from %s (%s)", len(samples), found.source,
-                 "labelled" if labels else "no classes")
-        the_judge = load_judge(judge)
+        log.info("read %d images from %s (%s)", len(found.images), found.source,
+                 "labelled" if found.labels else "no classes")
+        result = {"images": found.source, **quality.evaluate_with_floor(
+            found.images, found.labels, load_judge(judge))}
     else:
         config, dev, prec, loaded, guidance = prepare(
             steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
             classifier, cfg_scale, unconditional)
-        shape = (loaded.config.in_channels, *loaded.config.image_size)
-        if shape != (1, 28, 28) or loaded.num_classes != NUM_CLASSES:
-            raise DiffgenError(f"{loaded.path} makes {shape[0]}x{shape[1]}x{shape[2]} images in "
-                               f"{loaded.num_classes} classes; the judge rates 1x28x28 digits "
-                               f"in {NUM_CLASSES}")
-        config.check(loaded.diffusion.num_timesteps)
         the_judge = load_judge(judge)
-        plain = guidance.unconditional and not guidance.uses_classifier
-        labels = guided_labels(loaded, [], n * NUM_CLASSES if plain else n, guidance)
-        seeds = pipeline.seeds_for(seed, len(labels))
-        batches = -(-len(labels) // batch_size)
-        log.info("sampling %d digits with %s, %d steps", len(labels), config.method, steps)
-        tic = time.perf_counter()
-        with step_progress(batches * steps, "sampling") as cb:
-            samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size,
-                                        cb, guidance)
-        seconds = time.perf_counter() - tic
-        if plain:
-            labels = None
-        settings.update(weights=str(loaded.path), step=loaded.step, sampler=config.method,
-                        steps=steps, eta=eta, classifier_scale=classifier_scale,
-                        cfg_scale=cfg_scale, unconditional=unconditional, n_per_class=n,
-                        seed=seed, device=str(dev), precision=prec.name,
-                        sampling_seconds=round(seconds, 2),
-                        images_per_s=round(len(samples) / seconds, 2))
-    result = {**settings, **quality.evaluate_with_floor(samples, labels, the_judge)}
+        total = -(-n * NUM_CLASSES // batch_size) * steps
+        with step_progress(total, "sampling") as cb:
+            result = pipeline.evaluate(loaded, config, guidance, n, seed, dev, prec, batch_size,
+                                       the_judge, cb)
     if json_out:
         emit_json(True, result)
         return

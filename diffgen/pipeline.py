@@ -16,7 +16,8 @@ from diffgen.device import Precision
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
 from diffgen.errors import DiffgenError, InvalidSetting
 from diffgen.classifier import ClassifierConfig, NoisyClassifier
-from diffgen.sampling import NO_GUIDANCE, Guidance, SamplerConfig, SeededNoise, sample, timesteps_for
+from diffgen.sampling import (NO_GUIDANCE, Guidance, SamplerConfig, SeededNoise, sample,
+                              timesteps_for)
 from diffgen.shipped import shipped_file
 from diffgen.unet import UNet, UNetConfig, count_parameters
 
@@ -166,6 +167,20 @@ def class_labels(loaded: LoadedModel, classes: list[int], n: int) -> list[int]:
     return [k for k in chosen for _ in range(n)]
 
 
+def guided_labels(loaded: LoadedModel, classes: list[int], n: int, guidance: Guidance
+                  ) -> list[int]:
+    """Labels of the samples: n per class, or n of the null class for plain unconditional
+    sampling (no class given, no classifier to steer)."""
+    if guidance.unconditional and not guidance.uses_classifier:
+        if classes:
+            raise InvalidSetting("--class with --unconditional needs --classifier-scale to "
+                                 "steer towards it")
+        if n < 1:
+            raise InvalidSetting(f"--n must be at least 1, got {n}")
+        return [loaded.model.null_class] * n
+    return class_labels(loaded, classes, n)
+
+
 def seeds_for(seed: int, count: int) -> list[int]:
     """Sample i gets seed + i, so a sample is reproduced alone from its own seed."""
     return [seed + i for i in range(count)]
@@ -281,3 +296,36 @@ def denoise(loaded: LoadedModel, x_0: torch.Tensor, labels: list[int], seeds: li
                  batch_size=batch_size, x_0=None if pure_noise else x_0, start=start,
                  guidance=guidance)
     return noised, out
+
+
+def evaluate(loaded: LoadedModel, config: SamplerConfig, guidance: Guidance, n: int, seed: int,
+             device: torch.device, precision: Precision, batch_size: int,
+             judge: torch.nn.Module, callback=None) -> dict:
+    """Sample n digits per class (n * 10 unlabelled ones for plain unconditional sampling) and
+    rate them with :func:`diffgen.quality.evaluate_with_floor`; adds the settings and img/s."""
+    import time
+
+    from diffgen.judge import NUM_CLASSES
+    from diffgen.quality import evaluate_with_floor
+
+    shape = (loaded.config.in_channels, *loaded.config.image_size)
+    if shape != (1, 28, 28) or loaded.num_classes != NUM_CLASSES:
+        raise DiffgenError(f"{loaded.path} makes {shape[0]}x{shape[1]}x{shape[2]} images in "
+                           f"{loaded.num_classes} classes; the judge rates 1x28x28 digits in "
+                           f"{NUM_CLASSES}")
+    config.check(loaded.diffusion.num_timesteps)
+    plain = guidance.unconditional and not guidance.uses_classifier
+    labels = guided_labels(loaded, [], n * NUM_CLASSES if plain else n, guidance)
+    log.info("sampling %d digits with %s, %d steps", len(labels), config.method, config.steps)
+    tic = time.perf_counter()
+    samples = generate(loaded, labels, seeds_for(seed, len(labels)), config, device, precision,
+                       batch_size, callback, guidance)
+    seconds = time.perf_counter() - tic
+    settings = dict(weights=str(loaded.path), step=loaded.step, sampler=config.method,
+                    steps=config.steps, eta=config.eta,
+                    classifier_scale=guidance.classifier_scale, cfg_scale=guidance.cfg_scale,
+                    unconditional=guidance.unconditional, n_per_class=n, seed=seed,
+                    device=str(device), precision=precision.name,
+                    sampling_seconds=round(seconds, 2),
+                    images_per_s=round(len(samples) / seconds, 2))
+    return {**settings, **evaluate_with_floor(samples, None if plain else labels, judge)}
