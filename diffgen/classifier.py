@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffgen.device import Precision, autocast
-from diffgen.diffusion import GaussianDiffusion
 from diffgen.unet import (GroupNorm32, UNetConfig, build_down_path, build_middle, run_down_path,
                           run_middle, timestep_embedding)
 
@@ -94,30 +93,3 @@ def log_prob_grad(classifier: nn.Module, x_t: torch.Tensor, t: torch.Tensor, y: 
         chosen = log_probs[torch.arange(x.shape[0], device=x.device), y]
         (grad,) = torch.autograd.grad(chosen.sum(), x)
     return grad
-
-
-@torch.no_grad()
-def accuracy_by_timestep(classifier: NoisyClassifier, diffusion: GaussianDiffusion,
-                         images: torch.Tensor, labels: torch.Tensor, timesteps: list[int],
-                         device: torch.device, precision: Precision, seed: int = 0,
-                         batch_size: int = 500) -> dict[int, float]:
-    """Accuracy on x_t = q_sample(x_0, t, eps) for each t; images uint8 [N, C, H, W].
-
-    The noise is drawn from ``seed``, so the figures are reproducible.
-    """
-    classifier.eval()
-    gen = torch.Generator().manual_seed(seed)
-    eps = torch.randn(images.shape, generator=gen)
-    x_0 = images.float() / 127.5 - 1.0
-    result = {}
-    for t in timesteps:
-        correct = 0
-        for begin in range(0, len(images), batch_size):
-            end = min(begin + batch_size, len(images))
-            t_batch = torch.full((end - begin,), t, dtype=torch.long)
-            x_t = diffusion.q_sample(x_0[begin:end], t_batch, eps[begin:end]).to(device)
-            with autocast(device, precision):
-                logits = classifier(x_t, t_batch.to(device))
-            correct += int((logits.argmax(dim=1).cpu() == labels[begin:end]).sum())
-        result[t] = correct / len(images)
-    return result

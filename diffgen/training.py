@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from diffgen import checkpoint
-from diffgen.classifier import ClassifierConfig, NoisyClassifier, accuracy_by_timestep
+from diffgen.classifier import ClassifierConfig, NoisyClassifier
 from diffgen.data import Dataset
 from diffgen.device import Precision, autocast
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
@@ -369,6 +369,33 @@ def resume_trainer(out_dir: Path, device: torch.device, precision: Precision,
     trainer.resume()
     return trainer
 
+
+
+@torch.no_grad()
+def accuracy_by_timestep(classifier: NoisyClassifier, diffusion: GaussianDiffusion,
+                         images: torch.Tensor, labels: torch.Tensor, timesteps: list[int],
+                         device: torch.device, precision: Precision, seed: int = 0,
+                         batch_size: int = 500) -> dict[int, float]:
+    """Accuracy on x_t = q_sample(x_0, t, eps) for each t; images uint8 [N, C, H, W].
+
+    The noise is drawn from ``seed``, so the figures are reproducible.
+    """
+    classifier.eval()
+    gen = torch.Generator().manual_seed(seed)
+    eps = torch.randn(images.shape, generator=gen)
+    x_0 = images.float() / 127.5 - 1.0
+    result = {}
+    for t in timesteps:
+        correct = 0
+        for begin in range(0, len(images), batch_size):
+            end = min(begin + batch_size, len(images))
+            t_batch = torch.full((end - begin,), t, dtype=torch.long)
+            x_t = diffusion.q_sample(x_0[begin:end], t_batch, eps[begin:end]).to(device)
+            with autocast(device, precision):
+                logits = classifier(x_t, t_batch.to(device))
+            correct += int((logits.argmax(dim=1).cpu() == labels[begin:end]).sum())
+        result[t] = correct / len(images)
+    return result
 
 class ClassifierTrainer(Trainer):
     """Trains the noisy classifier p_φ(y | x_t, t) with cross-entropy at t uniform in 0..T-1."""

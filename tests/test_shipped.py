@@ -32,7 +32,7 @@ def test_shipped_model_raw_and_ema_weights_differ():
 
 
 def test_shipped_classifier_reads_digits_through_the_noise():
-    from diffgen.classifier import accuracy_by_timestep
+    from diffgen.training import accuracy_by_timestep
     from diffgen.quality import held_out_digits
 
     cpu = torch.device("cpu")
