@@ -59,15 +59,31 @@ def check_can_create(folder: Path) -> Path:
     return folder
 
 
-def check_folder(folder: Path) -> Path:
-    """Create ``folder`` if needed and check that files can be written into it."""
-    folder = Path(folder)
+def write_all(jobs: list[tuple[Path, Callable[[Path], Path]]]) -> list[Path]:
+    """Run ``write(path)`` for every (path, write) pair; all of them or none.
+
+    If one fails, the files this call created are removed again, and so are the folders it
+    created for them, before the error goes on. (A file that existed before and was already
+    replaced stays replaced: each single write is atomic, the set is not.)
+    """
+    created_files: list[Path] = []
+    created_folders: list[Path] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise DiffgenError(f"cannot use {folder} as a folder: a file is in the way") from None
-    except OSError as err:
-        raise DiffgenError(f"cannot create folder {folder}: {err.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise DiffgenError(f"cannot write to folder {folder}: permission denied")
-    return folder
+        for path, write in jobs:
+            path = Path(path)
+            missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+            existed = path.exists()
+            write(path)
+            created_folders += [p for p in reversed(missing) if p not in created_folders]
+            if not existed:
+                created_files.append(path)
+    except BaseException:
+        for path in created_files:
+            path.unlink(missing_ok=True)
+        for folder in reversed(created_folders):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty: something else is in it
+        raise
+    return [Path(path) for path, _ in jobs]

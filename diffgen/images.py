@@ -15,7 +15,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffgen.errors import DiffgenError, InvalidSetting
-from diffgen.files import atomic_write, check_folder
+from diffgen.files import atomic_write, check_can_create
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def check_output(path: Path, suffixes: tuple[str, ...]) -> Path:
         raise InvalidSetting(f"output {path} must end in {' or '.join(suffixes)}")
     if path.is_dir():
         raise InvalidSetting(f"output {path} is a folder; give a file name")
-    check_folder(path.parent)
+    check_can_create(path.parent)
     return path
 
 

@@ -302,7 +302,8 @@ def evaluate(loaded: LoadedModel, config: SamplerConfig, guidance: Guidance, n: 
              device: torch.device, precision: Precision, batch_size: int,
              judge: torch.nn.Module, callback=None) -> dict:
     """Sample n digits per class (n * 10 unlabelled ones for plain unconditional sampling) and
-    rate them with :func:`diffgen.quality.evaluate_with_floor`; adds the settings and img/s."""
+    rate them with :func:`diffgen.quality.evaluate_with_floor`. The settings and img/s go
+    under ``sampling``, apart from the figures (whose ``precision`` is the metric)."""
     import time
 
     from diffgen.judge import NUM_CLASSES
@@ -328,4 +329,5 @@ def evaluate(loaded: LoadedModel, config: SamplerConfig, guidance: Guidance, n: 
                     device=str(device), precision=precision.name,
                     sampling_seconds=round(seconds, 2),
                     images_per_s=round(len(samples) / seconds, 2))
-    return {**settings, **evaluate_with_floor(samples, None if plain else labels, judge)}
+    return {"sampling": settings,
+            **evaluate_with_floor(samples, None if plain else labels, judge)}

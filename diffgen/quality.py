@@ -205,6 +205,9 @@ def read_images(root: Path) -> ImageSet:
     if not root.is_dir():
         raise DiffgenError(f"--images {root} is not a folder")
     folders = class_folders(root)
+    if folders and image_files(root):
+        raise DiffgenError(f"--images {root} holds both class sub-folders and images; give a "
+                           "folder of one kind")
     files: list[Path] = []
     labels: list[int | None] = []
     if folders:

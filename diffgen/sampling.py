@@ -71,6 +71,11 @@ class SamplerConfig:
             raise InvalidSetting(f"--steps {self.steps} exceeds the model's T = {num_timesteps}")
 
 
+# Far beyond any useful scale (1-10) and far below float32 overflow in s * Σ * grad.
+MAX_CLASSIFIER_SCALE = 1000.0
+MAX_CFG_SCALE = 100.0
+
+
 @dataclass
 class Guidance:
     """How sampling is steered; the defaults steer nothing (plain conditional sampling)."""
@@ -88,10 +93,10 @@ class Guidance:
     @staticmethod
     def check(classifier_scale: float, cfg_scale: float, unconditional: bool) -> None:
         """Refuse settings that cannot work, before any model is loaded."""
-        for name, value in (("--classifier-scale", classifier_scale),
-                            ("--cfg-scale", cfg_scale)):
-            if not math.isfinite(value) or value < 0:
-                raise InvalidSetting(f"{name} must be a finite number >= 0, got {value}")
+        for name, value, most in (("--classifier-scale", classifier_scale, MAX_CLASSIFIER_SCALE),
+                                  ("--cfg-scale", cfg_scale, MAX_CFG_SCALE)):
+            if not math.isfinite(value) or not 0 <= value <= most:
+                raise InvalidSetting(f"{name} must be a number in [0, {most:g}], got {value:g}")
         if unconditional and cfg_scale != 1.0:
             raise InvalidSetting("--cfg-scale mixes conditional and unconditional passes; it "
                                  "cannot be used with --unconditional")
@@ -309,4 +314,8 @@ def sample(model: torch.nn.Module, diffusion: GaussianDiffusion, labels: list[in
         outputs.append(denoise_loop(model, diffusion, x_t.to(device), batch_labels, timesteps,
                                     config, noise, precision,
                                     batch_callback if callback else None, guidance).cpu())
-    return torch.cat(outputs)
+    result = torch.cat(outputs)
+    if not torch.isfinite(result).all():
+        raise DiffgenError("sampling produced non-finite values; the guidance scale is too "
+                           "large or the model is broken")
+    return result

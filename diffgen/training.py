@@ -58,7 +58,7 @@ class TrainConfig:
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "max_nan_steps")
         for name in positive:
             if getattr(self, name) < 1:
-                raise InvalidSetting(f"{name.replace('_', '-')} must be at least 1, "
+                raise InvalidSetting(f"--{name.replace('_', '-')} must be at least 1, "
                                    f"got {getattr(self, name)}")
         if not 0 < self.lr <= 1:
             raise InvalidSetting(f"--lr must be in (0, 1], got {self.lr}")
@@ -286,7 +286,10 @@ class Trainer:
         log.info("%s: %s parameters, config %s", self.kind, f"{count_parameters(self.model):,}",
                  json.dumps(self.model_config.to_dict()))
         log.info("train config %s", json.dumps(self.config.to_dict()))
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DiffgenError(f"cannot create folder {self.out_dir}: {err.strerror}") from None
         nan_run, start, saved = 0, self.step, -1
         if self.step >= self.config.steps:
             log.warning("the run is already at step %d of %d; nothing to do", self.step,

@@ -127,7 +127,7 @@ def test_end_to_end_on_real_digits(runner, tmp_path):
      "not a readable safetensors file"),
     (1, ["sample", "--weights", "{tmp}", "-o", "{tmp}/x.png"], "is a folder; pass the"),
     (1, ["sample", "--weights", "{tmp}/nan.safetensors", "-o", "{tmp}/x.png"], "NaN or inf"),
-    (1, ["sample", "--out-dir", "{tmp}/blocker/sub"], "cannot create folder"),
+    (1, ["sample", "--out-dir", "{tmp}/blocker/sub"], "blocker is a file"),
     (1, ["denoise", "{tmp}/corrupt.safetensors", "-o", "{tmp}/x.png"], "cannot read image"),
     (1, ["denoise", "{tmp}/missing.png", "-o", "{tmp}/x.png"], "does not exist"),
     (1, ["train", "--out", "{tmp}/run", "--data", "{tmp}/nowhere"], "nowhere"),

@@ -106,7 +106,9 @@ def test_evaluate_samples_and_reads_them_back(runner, tmp_path, tiny_model):
                  "--precision", "fp32")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["n"] == 10 and record["n_per_class"] == 1 and record["images_per_s"] > 0
+    assert record["n"] == 10 and record["sampling"]["n_per_class"] == 1
+    assert record["sampling"]["images_per_s"] > 0 and record["sampling"]["precision"] == "fp32"
+    assert 0.0 <= record["precision"] <= 1.0  # the metric, not the number format
     for key in ("accuracy", "fd", "precision", "recall", "mean_diversity_ratio"):
         assert key in record and key in record["floor"]
     assert record["floor"]["accuracy"] >= 0.9  # ten real digits
@@ -139,6 +141,33 @@ def test_evaluate_reads_class_folders(runner, tmp_path, digits):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
     assert record["n"] == 40 and record["accuracy"] >= 0.95
+    save_image(to_unit_range(digits.images[0]), tmp_path / "0007_class7_seed7.png")
+    mixed = run(runner, "evaluate", "--images", tmp_path)
+    assert mixed.exit_code == 1 and "both class sub-folders and images" in mixed.stderr
+    (tmp_path / "0007_class7_seed7.png").unlink()
     (tmp_path / "cats").mkdir()
     bad = run(runner, "evaluate", "--images", tmp_path)
     assert bad.exit_code == 1 and "not a digit class" in bad.stderr
+    ignored = run(runner, "evaluate", "--images", tmp_path, "--steps", 10)
+    assert ignored.exit_code == 2 and "--steps applies to sampling" in ignored.stderr
+
+
+def test_a_failed_write_leaves_no_outputs(runner, tmp_path, tiny_model):
+    (tmp_path / "many" / "0001_class1_seed1.png").mkdir(parents=True)
+    result = run(runner, "sample", "-c", 1, "-n", 3, "--steps", 2, "-o", tmp_path / "grid.png",
+                 "--out-dir", tmp_path / "many", "--weights", tiny_model)
+    assert result.exit_code == 1 and "0001_class1_seed1.png" in result.stderr
+    assert not (tmp_path / "grid.png").exists()
+    assert [p.name for p in (tmp_path / "many").iterdir()] == ["0001_class1_seed1.png"]
+    early = run(runner, "sample", "-c", 12, "--out-dir", tmp_path / "fresh", "--weights",
+                tiny_model)
+    assert early.exit_code == 2 and not (tmp_path / "fresh").exists()
+
+
+def test_huge_scales_are_refused(runner, tmp_path, tiny_model):
+    for option, value in (("--cfg-scale", "1e39"), ("--classifier-scale", "1e39"),
+                          ("--cfg-scale", "101")):
+        result = run(runner, "sample", "-c", 1, option, value, "-o", tmp_path / "x.png",
+                     "--weights", tiny_model)
+        assert result.exit_code == 2 and f"{option} must be a number in [0, " in result.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -9,7 +9,7 @@ from torch import nn
 from diffgen.classifier import ClassifierConfig, NoisyClassifier, log_prob_grad
 from diffgen.device import Precision
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
-from diffgen.errors import InvalidSetting
+from diffgen.errors import DiffgenError, InvalidSetting
 from diffgen.sampling import (Guidance, SamplerConfig, ddim_step, ddpm_step, guided_eps, sample,
                               timesteps_for)
 from diffgen.unet import UNet, UNetConfig
@@ -201,6 +201,8 @@ def test_guidance_settings_are_checked(unet, linear, classifier) -> None:
         Guidance(classifier, -1.0)
     with pytest.raises(InvalidSetting, match="cfg-scale"):
         Guidance(cfg_scale=float("nan"))
+    with pytest.raises(InvalidSetting, match=r"in \[0, 1000\]"):
+        Guidance(classifier, 1001.0)
     with pytest.raises(InvalidSetting, match="needs a classifier"):
         Guidance(None, 2.0)
     with pytest.raises(InvalidSetting, match="unconditional"):
@@ -218,3 +220,14 @@ def test_guided_bf16_sampling_is_finite_and_close_to_fp32(unet, linear, classifi
     half = sample(unet, linear, [1, 2], [0, 1], config, CPU, Precision("bf16"), guidance=guidance)
     assert torch.isfinite(half).all()
     assert (half - full).abs().mean() < 0.1
+
+
+class NaNModel(ClassOffset):
+    def forward(self, x, t, y):
+        return torch.full_like(x, float("nan"))
+
+
+def test_non_finite_samples_are_an_error_not_black_images(linear) -> None:
+    with pytest.raises(DiffgenError, match="non-finite"):
+        sample(NaNModel(), linear, [1], [0], SamplerConfig(steps=2, clip_denoised=False), CPU,
+               FP32)

@@ -66,8 +66,30 @@ def test_output_checks(tmp_path):
         images.check_output(tmp_path / "dir.png", (".png",))
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(DiffgenError, match="cannot create folder"):
-        images.check_folder(blocker / "sub")
+    with pytest.raises(DiffgenError, match="file is a file"):
+        images.check_output(blocker / "sub" / "x.png", (".png",))
+    assert not (tmp_path / "new").exists()
+    images.check_output(tmp_path / "new" / "x.png", (".png",))
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_write_all_leaves_nothing_behind_when_one_write_fails(tmp_path):
+    from diffgen.files import write_all
+
+    kept = tmp_path / "kept.png"
+    kept.write_bytes(b"old")
+    (tmp_path / "out" / "0001.png").mkdir(parents=True)  # a folder where a file must go
+
+    def png(path):
+        return images.save_image(torch.zeros(1, 4, 4), path)
+
+    jobs = [(tmp_path / "grid.png", png), (tmp_path / "new" / "deep" / "0000.png", png),
+            (tmp_path / "out" / "0001.png", png)]
+    with pytest.raises(DiffgenError, match="0001.png"):
+        write_all(jobs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.png", "out"]
+    assert kept.read_bytes() == b"old"
+    assert write_all(jobs[:2]) == [p for p, _ in jobs[:2]] and jobs[1][0].is_file()
 
 
 def test_load_image_round_trip(tmp_path):

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from diffgen.cli.app import (DeviceOpt, JsonOpt, PrecisionOpt, app, emit_json, log,
                              show_progress, stderr)
 from diffgen.errors import InvalidSetting
-from diffgen.files import check_folder
+from diffgen.files import check_can_create, write_all
 
 WeightsOpt = Annotated[Optional[str], typer.Option(
     help="Model file from diffgen train, or hf://owner/repo/file.safetensors on the Hugging "
@@ -67,6 +67,9 @@ def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: str | No
         log.warning("--classifier is unused without --classifier-scale")
     dev, prec = devices.resolve(device, precision)
     loaded = pipeline.load(weights, dev, ema=not raw)
+    if (cfg_scale != 1.0 or unconditional) and loaded.train_config.get("class_dropout") == 0:
+        log.warning("%s was trained with class dropout 0, so its null class (used by "
+                    "--cfg-scale and --unconditional) never learned anything", loaded.path)
     net = (pipeline.load_classifier(classifier, loaded, dev) if classifier_scale != 0.0
            else None)
     return config, dev, prec, loaded, Guidance(net, classifier_scale, cfg_scale, unconditional)
@@ -127,7 +130,7 @@ def sample_cmd(
     if out is not None:
         images.check_output(out, (".png",))
     if out_dir is not None:
-        check_folder(out_dir)
+        check_can_create(out_dir)
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
         classifier, cfg_scale, unconditional)
@@ -141,14 +144,15 @@ def sample_cmd(
         samples = pipeline.generate(loaded, labels, seeds, config, dev, prec, batch_size, cb,
                                     guidance)
     seconds = time.perf_counter() - tic
-    files = []
+    jobs = []
     if out is not None:
-        files.append(str(images.save_grid(samples, out, ncol=n if len(set(labels)) > 1
-                                          else min(len(labels), 8))))
+        ncol = n if len(set(labels)) > 1 else min(len(labels), 8)
+        jobs.append((out, lambda path: images.save_grid(samples, path, ncol)))
     if out_dir is not None:
         for i, (image, label, s) in enumerate(zip(samples, labels, seeds)):
             name = out_dir / f"{i:04d}_{label_name(label, loaded.model.null_class)}_seed{s}.png"
-            files.append(str(images.save_image(image, name)))
+            jobs.append((name, lambda path, image=image: images.save_image(image, path)))
+    files = [str(p) for p in write_all(jobs)]
     log.info("%d samples in %.1f s (%.1f img/s)", len(labels), seconds, len(labels) / seconds)
     if not json_out:
         typer.echo("\n".join(files))
@@ -231,15 +235,18 @@ def trajectory(
             grids = [torch.cat([g, images.make_grid(x0, ncol)], dim=2)
                      for g, x0 in zip(grids, x_0_frames)]
     if out.suffix.lower() == ".gif":
-        images.save_gif(grids, out, frame_ms, hold_ms)
+        write_all([(out, lambda path: images.save_gif(grids, path, frame_ms, hold_ms))])
     else:
-        images.save_atomic(images.to_pil(torch.cat(grids, dim=2)), out)
+        write_all([(out, lambda path: images.save_atomic(images.to_pil(torch.cat(grids, dim=2)),
+                                                         path))])
     seconds = time.perf_counter() - tic
     if not json_out:
         typer.echo(out)
     emit_json(json_out, {"files": [str(out)], "frames": len(grids), "timesteps": shown,
                          "classes": [None if k == loaded.model.null_class else k for k in labels],
-                         "seeds": seeds, "seconds": round(seconds, 3)})
+                         "seeds": seeds, "classifier_scale": classifier_scale,
+                         "cfg_scale": cfg_scale, "unconditional": unconditional,
+                         "seconds": round(seconds, 3)})
 
 
 def real_examples(dataset, labels: list[int], seed: int):
@@ -304,7 +311,7 @@ def denoise_cmd(
     if out is not None:
         targets = [images.check_output(out, (".png",))]
     else:
-        targets = [check_folder(out_dir) / f"{p.stem}.png" for p in inputs]
+        targets = [check_can_create(out_dir) / f"{p.stem}.png" for p in inputs]
     check_targets(inputs, targets)
     if classes is None and (classifier_scale != 0.0 or cfg_scale != 1.0):
         raise InvalidSetting("guidance steers towards a class; give --class")
@@ -322,18 +329,25 @@ def denoise_cmd(
     noised, result = pipeline.denoise(loaded, x_0, [label] * len(inputs), seeds, start, config,
                                       dev, prec, batch_size, guidance)
     seconds = time.perf_counter() - tic
-    files = []
+    jobs = []
     for target, original, noisy, clean in zip(targets, x_0, noised, result):
         image = images.make_grid(torch.stack([original, noisy, clean]), 3) if strip else clean
-        files.append(str(images.save_image(image, target)))
+        jobs.append((target, lambda path, image=image: images.save_image(image, path)))
+    files = [str(p) for p in write_all(jobs)]
     if not json_out:
         typer.echo("\n".join(files))
     emit_json(json_out, {"files": files, "t_start": start, "seeds": seeds,
+                         "classifier_scale": classifier_scale, "cfg_scale": cfg_scale,
                          "seconds": round(seconds, 3)})
+
+
+SAMPLING_ONLY = ("n", "steps", "ddim", "eta", "variance", "seed", "raw", "batch_size", "device",
+                 "precision")
 
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     weights: WeightsOpt = None,
     images_dir: Annotated[Optional[Path], typer.Option(
         "--images", help="Rate the images in this folder instead of sampling: classes from "
@@ -368,7 +382,9 @@ def evaluate(
         sampling = [name for name, value in (("--weights", weights), ("--classifier", classifier))
                     if value is not None]
         if classifier_scale or cfg_scale != 1.0 or unconditional:
-            sampling.append("guidance options")
+            sampling.append("a guidance option")
+        sampling += [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY
+                     if ctx.get_parameter_source(name).name != "DEFAULT"]
         if sampling:
             raise InvalidSetting(f"{sampling[0]} applies to sampling, not to --images")
         found = quality.read_images(images_dir)
@@ -389,10 +405,12 @@ def evaluate(
         emit_json(True, result)
         return
     if images_dir is None:
-        typer.echo(f"{result['weights']} (step {result['step']}): {n} per class, "
-                   f"{result['sampler']} {steps} steps, classifier scale {classifier_scale:g}, "
-                   f"cfg scale {cfg_scale:g}{', unconditional' if unconditional else ''}; "
-                   f"{result['images_per_s']:.1f} img/s")
+        run = result["sampling"]
+        typer.echo(f"{run['weights']} (step {run['step']}): {n} per class, "
+                   f"{run['sampler']} {steps} steps, {run['precision']}, classifier scale "
+                   f"{classifier_scale:g}, cfg scale {cfg_scale:g}"
+                   f"{', unconditional' if unconditional else ''}; {run['images_per_s']:.1f} "
+                   "img/s")
     else:
         typer.echo(f"{result['images']}: {result['n']} images")
     typer.echo(quality.format_table(result))

@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from diffgen.cli.app import (DeviceOpt, JsonOpt, PrecisionOpt, app, emit_json, parse_ints,
                              parse_size, show_progress, stderr)
-from diffgen.errors import DiffgenError
+from diffgen.errors import DiffgenError, InvalidSetting
 from diffgen.files import check_can_create
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for checkpoints and log.")]
@@ -142,12 +142,13 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
     if not default_steps and epochs is not None:
         raise typer.BadParameter("give --steps or --epochs, not both", param_hint="--epochs")
     if opts["resume"]:
-        changed = [name for name in ctx.params if name not in RESUME_OPTIONS
-                   and ctx.get_parameter_source(name).name != "DEFAULT"]
-        if changed:
-            raise typer.BadParameter(
-                f"--{changed[0].replace('_', '-')} cannot change on --resume; the run's saved "
-                "configs are used", param_hint="--resume")
+        given = [name for name in ctx.params if name not in RESUME_OPTIONS
+                 and ctx.get_parameter_source(name).name != "DEFAULT"]
+        if given:
+            raise InvalidSetting(
+                f"--{given[0].replace('_', '-')} cannot be given with --resume: a resumed run "
+                "keeps every saved setting except --steps, --epochs, --checkpoint-every, "
+                "--device and --precision")
     check_can_create(out)
     dev, prec = devices.resolve(opts["device"], opts["precision"])
     if opts["resume"]:
@@ -197,8 +198,9 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
         with train_progress(trainer.step, trainer.config.steps) as on_step:
             trainer.run(on_step)
     except KeyboardInterrupt:
-        stderr.print(f"interrupted at step {trainer.step}; checkpoint saved in {out}",
-                     style="yellow")
+        saved = (f"checkpoint saved in {out}" if trainer.model_path.is_file()
+                 else "before the first step; nothing saved")
+        stderr.print(f"interrupted at step {trainer.step}; {saved}", style="yellow")
         report_run(trainer, json_out=opts["json_out"], seconds=time.perf_counter() - tic,
                    interrupted=True)
         raise typer.Exit(130) from None
