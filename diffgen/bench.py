@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterable, TypeVar
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffgen.classifier import log_prob_grad
 from diffgen.data import packaged_mnist
 from diffgen.device import Precision
 from diffgen.diffusion import ScheduleConfig
@@ -353,8 +352,12 @@ def guidance_cost(loaded: LoadedModel, args: argparse.Namespace) -> dict | None:
         log(f"no guidance figures: {err}")
         return None
     x = torch.randn(1, loaded.config.in_channels, *loaded.config.image_size)
-    classifier_flops = flops_per_call(lambda: log_prob_grad(classifier, x, torch.tensor([500]),
-                                                            torch.tensor([0]), Precision("fp32")))
+
+    def forward_backward() -> None:  # as log_prob_grad, with backward() for the FLOP counter
+        x_t = x.clone().requires_grad_(True)
+        torch.log_softmax(classifier(x_t, torch.tensor([500])), dim=-1)[0, 0].backward()
+
+    classifier_flops = flops_per_call(forward_backward)
     runners = {
         "unguided": diffgen_sampler(loaded, args.batch_size, "bf16"),
         "classifier": diffgen_sampler(loaded, args.batch_size, "bf16", Guidance(classifier, 1.0)),

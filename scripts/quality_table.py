@@ -169,7 +169,9 @@ def table(out: Path, preset: str) -> str:
 def images_per_s(row: dict, result: dict, speeds: dict) -> str:
     """The separately timed figure where there is one, else the quality run's own."""
     timed = speeds.get(speed_key(row))
-    return f"{timed['images_per_s']:.1f}" if timed else f"({result['images_per_s']:.1f})"
+    if timed:
+        return f"{timed['images_per_s']:.1f}"
+    return f"({result.get('sampling', result)['images_per_s']:.1f})"
 
 
 def main() -> int:

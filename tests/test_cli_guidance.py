@@ -171,3 +171,9 @@ def test_huge_scales_are_refused(runner, tmp_path, tiny_model):
                      "--weights", tiny_model)
         assert result.exit_code == 2 and f"{option} must be a number in [0, " in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_checkpoint_every_zero_is_refused(runner, tmp_path):
+    result = run(runner, "train-classifier", "--out", tmp_path / "c", "--checkpoint-every", 0)
+    assert result.exit_code == 2 and "--checkpoint-every must be at least 1" in result.stderr
+    assert not (tmp_path / "c").exists()

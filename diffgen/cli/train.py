@@ -187,7 +187,9 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
             batch_size=opts["batch_size"], lr=opts["lr"], warmup_steps=opts["warmup_steps"],
             weight_decay=opts["weight_decay"], ema_decay=opts["ema_decay"],
             class_dropout=opts["class_dropout"],
-            checkpoint_every=opts["checkpoint_every"] or 1000, seed=opts["seed"],
+            checkpoint_every=(1000 if opts["checkpoint_every"] is None
+                              else opts["checkpoint_every"]),
+            seed=opts["seed"],
             holdout=opts["holdout"])
         trainer = trainer_class(model_config, schedule_config, train_config, dataset, out, dev,
                                 prec)
