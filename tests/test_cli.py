@@ -171,8 +171,7 @@ def test_user_mistakes_get_one_line_and_an_exit_code(runner, tmp_path, tiny_mode
     ["sample", "--steps", "0", "-o", "a.png"], ["trajectory", "-o", "a.gif", "--frames", "1"],
     ["denoise", "a.png", "--strength", "2", "-o", "b.png"],
     ["denoise", "a.png", "--strength", "0.5", "--t", "3", "-o", "b.png"],
-    ["denoise", "a.png", "b.png", "-o", "c.png"], ["train"],
-    ["train", "--out", "r", "--resume", "--lr", "0.1"]])
+    ["denoise", "a.png", "b.png", "-o", "c.png"], ["train"]])
 def test_usage_errors_exit_2(runner, args):
     assert run(runner, *args).exit_code == 2
 

@@ -177,3 +177,16 @@ def test_checkpoint_every_zero_is_refused(runner, tmp_path):
     result = run(runner, "train-classifier", "--out", tmp_path / "c", "--checkpoint-every", 0)
     assert result.exit_code == 2 and "--checkpoint-every must be at least 1" in result.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_resume_accepts_saved_values_and_refuses_changes(runner, tmp_path):
+    out = tmp_path / "run"
+    assert run(runner, "train-classifier", "--out", out, "--steps", 2, *TINY_ARGS).exit_code == 0
+    same = run(runner, "train-classifier", "--out", out, "--resume", "--steps", 3, *TINY_ARGS,
+               "--seed", 0, "--data", "packaged")
+    assert same.exit_code == 0, same.output
+    changed = run(runner, "train-classifier", "--out", out, "--resume", "--batch-size", 16)
+    assert changed.exit_code == 2
+    assert "--batch-size differs from the run's saved 8" in changed.stderr
+    missing = run(runner, "train", "--out", tmp_path / "none", "--resume", "--lr", 0.1)
+    assert missing.exit_code == 1 and "no checkpoint" in missing.stderr

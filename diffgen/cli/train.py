@@ -145,10 +145,7 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
         given = [name for name in ctx.params if name not in RESUME_OPTIONS
                  and ctx.get_parameter_source(name).name != "DEFAULT"]
         if given:
-            raise InvalidSetting(
-                f"--{given[0].replace('_', '-')} cannot be given with --resume: a resumed run "
-                "keeps every saved setting except --steps, --epochs, --checkpoint-every, "
-                "--device and --precision")
+            check_unchanged(out, {name: opts[name] for name in given})
     check_can_create(out)
     dev, prec = devices.resolve(opts["device"], opts["precision"])
     if opts["resume"]:
@@ -207,6 +204,45 @@ def run_training(ctx: typer.Context, trainer_class, steps: int, default_steps: b
                    interrupted=True)
         raise typer.Exit(130) from None
     report_run(trainer, opts["json_out"], time.perf_counter() - tic, trainer.final_report())
+
+
+def saved_settings(ckpt) -> dict:
+    """The options of a saved run, keyed and shaped as the command line gives them."""
+    model, schedule, train = ckpt.model_config, ckpt.schedule_config, ckpt.train_config
+    saved = {name: train[name] for name in ("data", "batch_size", "lr", "warmup_steps",
+                                            "weight_decay", "ema_decay", "class_dropout",
+                                            "seed", "holdout") if name in train}
+    saved.update(schedule=schedule["schedule"], timesteps=schedule["num_timesteps"],
+                 image_size=tuple(model["image_size"]), channels=model["in_channels"],
+                 base_channels=model["base_channels"], channel_mult=tuple(model["channel_mult"]),
+                 num_res_blocks=model["num_res_blocks"], groups=model["num_groups"],
+                 dropout=model["dropout"],
+                 attention_resolutions=tuple(model["attention_resolutions"]))
+    return saved
+
+
+def check_unchanged(out: Path, given: dict) -> None:
+    """Options given with --resume must repeat the run's saved values."""
+    from diffgen import checkpoint
+
+    path = out / checkpoint.MODEL_FILE
+    if not path.is_file():
+        raise DiffgenError(f"--resume: no checkpoint in {out} (need {checkpoint.MODEL_FILE})")
+    saved = saved_settings(checkpoint.load_model(path))
+    for name, value in given.items():
+        option = f"--{name.replace('_', '-')}"
+        if name == "image_size":
+            value = parse_size(value)
+        elif name in ("channel_mult", "attention_resolutions"):
+            value = (saved[name] if name == "attention_resolutions" and value == "auto"
+                     else parse_ints(value, option))
+        elif name == "data" and value not in ("packaged", "mnist"):
+            value = str(Path(value).resolve())
+        if name not in saved or value != saved[name]:
+            was = f" differs from the run's saved {saved[name]}" if name in saved else ""
+            raise InvalidSetting(
+                f"{option}{was}: a resumed run keeps its saved settings; only --steps, "
+                "--epochs, --checkpoint-every, --device and --precision may change")
 
 
 def report_run(trainer, json_out: bool, seconds: float, extra: dict | None = None,
