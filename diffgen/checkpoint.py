@@ -43,7 +43,13 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     """Write a safetensors file under a temporary name in the same folder, then rename it."""
     # clone: safetensors refuses tensors sharing storage, and the caller's stay untouched.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    def write(tmp: Path) -> None:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as err:  # e.g. a full disk; reported like any OSError
+            raise OSError(str(err)) from None
+
+    atomic_write(path, write)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

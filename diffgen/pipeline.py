@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from diffgen import checkpoint
+from diffgen.classifier import ClassifierConfig, NoisyClassifier
 from diffgen.device import Precision
 from diffgen.diffusion import GaussianDiffusion, ScheduleConfig
 from diffgen.errors import DiffgenError, InvalidSetting
-from diffgen.classifier import ClassifierConfig, NoisyClassifier
 from diffgen.sampling import (NO_GUIDANCE, Guidance, SamplerConfig, SeededNoise, sample,
                               timesteps_for)
 from diffgen.shipped import shipped_file
@@ -183,6 +183,8 @@ def guided_labels(loaded: LoadedModel, classes: list[int], n: int, guidance: Gui
 
 def seeds_for(seed: int, count: int) -> list[int]:
     """Sample i gets seed + i, so a sample is reproduced alone from its own seed."""
+    if not 0 <= seed <= 2 ** 63 - 1 - count:
+        raise InvalidSetting(f"--seed must be in [0, 2^63 - 1 - {count}], got {seed}")
     return [seed + i for i in range(count)]
 
 
@@ -323,7 +325,7 @@ def evaluate(loaded: LoadedModel, config: SamplerConfig, guidance: Guidance, n: 
                        batch_size, callback, guidance)
     seconds = time.perf_counter() - tic
     settings = dict(weights=str(loaded.path), step=loaded.step, sampler=config.method,
-                    steps=config.steps, eta=config.eta,
+                    steps=config.steps, eta=config.eta, variance=config.variance,
                     classifier_scale=guidance.classifier_scale, cfg_scale=guidance.cfg_scale,
                     unconditional=guidance.unconditional, n_per_class=n, seed=seed,
                     device=str(device), precision=precision.name,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -286,10 +287,21 @@ class Trainer:
         log.info("%s: %s parameters, config %s", self.kind, f"{count_parameters(self.model):,}",
                  json.dumps(self.model_config.to_dict()))
         log.info("train config %s", json.dumps(self.config.to_dict()))
+        fresh = not self.out_dir.exists()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise DiffgenError(f"cannot create folder {self.out_dir}: {err.strerror}") from None
+        try:
+            return self._run(on_step)
+        except OSError as err:  # the log file; checkpoint writes raise DiffgenError already
+            raise DiffgenError(f"cannot write to {self.out_dir}: {err.strerror or err}") from None
+        except DiffgenError:
+            if fresh and not self.model_path.is_file():
+                shutil.rmtree(self.out_dir, ignore_errors=True)  # nothing worth keeping
+            raise
+
+    def _run(self, on_step: Callable[[StepStats], None] | None) -> int:
         nan_run, start, saved = 0, self.step, -1
         if self.step >= self.config.steps:
             log.warning("the run is already at step %d of %d; nothing to do", self.step,

@@ -190,3 +190,18 @@ def test_resume_accepts_saved_values_and_refuses_changes(runner, tmp_path):
     assert "--batch-size differs from the run's saved 8" in changed.stderr
     missing = run(runner, "train", "--out", tmp_path / "none", "--resume", "--lr", 0.1)
     assert missing.exit_code == 1 and "no checkpoint" in missing.stderr
+
+
+def test_unwritable_training_files_are_one_line_errors(runner, tmp_path):
+    (tmp_path / "w1" / "log.jsonl").mkdir(parents=True)  # a folder where the log must go
+    result = run(runner, "train-classifier", "--out", tmp_path / "w1", "--steps", 1, *TINY_ARGS)
+    assert result.exit_code == 1 and "cannot write to" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert sorted(p.name for p in (tmp_path / "w1").iterdir()) == ["log.jsonl"]
+
+
+def test_seeds_beyond_64_bits_are_refused(runner, tmp_path, tiny_model):
+    result = run(runner, "sample", "-c", 1, "-n", 2, "--seed", 2 ** 63 - 2, "-o",
+                 tmp_path / "x.png", "--weights", tiny_model)
+    assert result.exit_code == 2 and "--seed must be in [0, 2^63 - 1 - 2]" in result.stderr
+    assert not (tmp_path / "x.png").exists()

@@ -35,7 +35,7 @@ RawOpt = Annotated[bool, typer.Option("--raw", help="Use the raw weights instead
 ClassifierScaleOpt = Annotated[float, typer.Option(
     help="Classifier guidance scale s: DDPM adds s * variance * grad log p(y | x_t) to "
                   "the mean, DDIM subtracts sqrt(1 - alpha_bar) * s * grad from eps; 0 is off. "
-                  "About 1-3 for the conditional model, more with --unconditional.")]
+                  "0.5-1 for the conditional model, 5-10 with --unconditional.")]
 ClassifierOpt = Annotated[Optional[str], typer.Option(
     help="Noisy classifier from diffgen train-classifier (or hf://...) [default: the shipped "
          "one].")]
@@ -45,7 +45,8 @@ CfgScaleOpt = Annotated[float, typer.Option(
                   "(1 + w) * eps_cond - w * eps_uncond is W = 1 + w.")]
 UnconditionalOpt = Annotated[bool, typer.Option(
     "--unconditional", help="Sample the model's unconditional mode (the null class); with "
-                            "--classifier-scale the classifier alone steers towards --class.")]
+                            "--classifier-scale the classifier alone steers towards the class "
+                            "asked for.")]
 
 
 def prepare(steps: int, ddim: bool, eta: float, variance: str, weights: str | None, raw: bool,
@@ -131,6 +132,9 @@ def sample_cmd(
         images.check_output(out, (".png",))
     if out_dir is not None:
         check_can_create(out_dir)
+        if out_dir.is_dir() and any(out_dir.glob("*.png")):
+            log.warning("%s already holds PNG files; samples of this run are added to them, "
+                        "and files of the same name are replaced", out_dir)
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
         classifier, cfg_scale, unconditional)
@@ -383,7 +387,8 @@ def evaluate(
                     if value is not None]
         if classifier_scale or cfg_scale != 1.0 or unconditional:
             sampling.append("a guidance option")
-        sampling += [f"--{name.replace('_', '-')}" for name in SAMPLING_ONLY
+        sampling += [{"ddim": "--ddim/--ddpm"}.get(name, f"--{name.replace('_', '-')}")
+                     for name in SAMPLING_ONLY
                      if ctx.get_parameter_source(name).name != "DEFAULT"]
         if sampling:
             raise InvalidSetting(f"{sampling[0]} applies to sampling, not to --images")
