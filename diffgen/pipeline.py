@@ -6,6 +6,7 @@ Each function takes resolved settings and returns tensors; files are written by 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,8 +307,6 @@ def evaluate(loaded: LoadedModel, config: SamplerConfig, guidance: Guidance, n: 
     """Sample n digits per class (n * 10 unlabelled ones for plain unconditional sampling) and
     rate them with :func:`diffgen.quality.evaluate_with_floor`. The settings and img/s go
     under ``sampling``, apart from the figures (whose ``precision`` is the metric)."""
-    import time
-
     from diffgen.judge import NUM_CLASSES
     from diffgen.quality import evaluate_with_floor
 

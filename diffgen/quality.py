@@ -32,19 +32,20 @@ from diffgen.judge import NUM_CLASSES, TRAIN_COUNT, predict, to_unit_range
 NEIGHBOURS = 3  # k of the precision/recall manifolds
 
 
-def held_out_digits() -> Dataset:
-    """The last 2,000 packaged digits: the judge never trained on them."""
-    data = packaged_mnist()
+def held_out_digits(data: Dataset | None = None) -> Dataset:
+    """The last 2,000 packaged digits (of ``data`` when given): the judge never trained on
+    them."""
+    data = packaged_mnist() if data is None else data
     return Dataset(data.images[TRAIN_COUNT:], data.labels[TRAIN_COUNT:], data.class_names,
                    "packaged MNIST digits 8000..9999")
 
 
-def floor_digits(labels: list[int] | None, count: int, seed: int = 0) -> tuple[torch.Tensor,
-                                                                                list[int] | None]:
+def floor_digits(labels: list[int] | None, count: int, seed: int = 0,
+                 data: Dataset | None = None) -> tuple[torch.Tensor, list[int] | None]:
     """Real digits standing in for samples: one per label (or ``count`` balanced over the
-    classes when unlabeled), drawn with ``seed`` from digits 0..7999. Returns ([N, 1, 28, 28]
-    in [-1, 1], labels)."""
-    data = packaged_mnist()
+    classes when unlabeled), drawn with ``seed`` from packaged digits 0..7999 (of ``data``
+    when given). Returns ([N, 1, 28, 28] in [-1, 1], labels)."""
+    data = packaged_mnist() if data is None else data
     pool_labels = data.labels[:TRAIN_COUNT]
     wanted = labels if labels is not None else [i % NUM_CLASSES for i in range(count)]
     gen = torch.Generator().manual_seed(seed)
@@ -116,13 +117,15 @@ def mean_pairwise_distance(images: torch.Tensor) -> float | None:
 
 
 def evaluate_samples(samples: torch.Tensor, labels: list[int] | None, judge: torch.nn.Module,
-                     reference: Dataset) -> dict:
+                     reference: Dataset, reference_features: torch.Tensor | None = None
+                     ) -> dict:
     """Every figure for samples [N, 1, 28, 28] in [-1, 1] drawn for ``labels`` (None: no class).
 
     Returns ``n``, ``accuracy``, ``min_class_accuracy``, ``min_class``, ``fd``, ``precision``,
     ``recall``, ``mean_diversity_ratio``, ``predicted_counts`` (how often the judge chose each
     class) and ``per_class`` (``class``, ``n``, ``accuracy``, ``diversity``, ``real_diversity``,
-    ``diversity_ratio``). Class figures are None without labels.
+    ``diversity_ratio``). Class figures are None without labels. ``reference_features``, the
+    judge features of the reference images, saves computing them again for every call.
     """
     if samples.ndim != 4 or tuple(samples.shape[1:]) != (1, 28, 28):
         raise DiffgenError(f"the judge needs images [N, 1, 28, 28], got {tuple(samples.shape)}")
@@ -137,7 +140,8 @@ def evaluate_samples(samples: torch.Tensor, labels: list[int] | None, judge: tor
     predicted = predict(judge, samples)
     real_images = to_unit_range(reference.images)
     features = judge_features(judge, samples)
-    real_features = judge_features(judge, real_images)
+    real_features = (judge_features(judge, real_images) if reference_features is None
+                     else reference_features)
     precision, recall = precision_recall(features, real_features)
     result = {"n": samples.shape[0], "fd": frechet_distance(features, real_features),
               "precision": precision, "recall": recall,
@@ -174,10 +178,12 @@ def evaluate_samples(samples: torch.Tensor, labels: list[int] | None, judge: tor
 def evaluate_with_floor(samples: torch.Tensor, labels: list[int] | None,
                         judge: torch.nn.Module, seed: int = 0) -> dict:
     """``evaluate_samples`` of the samples and, as ``floor``, of as many real digits."""
-    reference = held_out_digits()
-    result = evaluate_samples(samples, labels, judge, reference)
-    real, real_labels = floor_digits(labels, samples.shape[0], seed)
-    floor = evaluate_samples(real, real_labels, judge, reference)
+    data = packaged_mnist()
+    reference = held_out_digits(data)
+    features = judge_features(judge, to_unit_range(reference.images))
+    result = evaluate_samples(samples, labels, judge, reference, features)
+    real, real_labels = floor_digits(labels, samples.shape[0], seed, data)
+    floor = evaluate_samples(real, real_labels, judge, reference, features)
     return {**result, "floor": {k: floor[k] for k in ("n", "accuracy", "fd", "precision",
                                                        "recall", "mean_diversity_ratio")}}
 

@@ -109,11 +109,6 @@ class Guidance:
     def uses_cfg(self) -> bool:
         return self.cfg_scale != 1.0 and not self.unconditional
 
-    @property
-    def evals_per_step(self) -> int:
-        """U-Net forward passes per image and step (the classifier's cost is separate)."""
-        return 2 if self.uses_cfg else 1
-
 
 NO_GUIDANCE = Guidance()
 

@@ -131,24 +131,18 @@ class BatchSampler:
         return idx, t, eps, labels
 
 
-def training_part(data: Dataset, holdout: int) -> Dataset:
-    """The data without its last ``holdout`` images."""
+def split_holdout(data: Dataset, holdout: int) -> tuple[Dataset, Dataset | None]:
+    """(the data without its last ``holdout`` images, those images or None when 0)."""
     if holdout == 0:
-        return data
+        return data, None
     if holdout >= len(data):
         raise InvalidSetting(f"--holdout {holdout} leaves nothing of the {len(data)} images in "
                              f"{data.source} to train on")
     keep = len(data) - holdout
-    return Dataset(data.images[:keep], data.labels[:keep], data.class_names,
-                   f"{data.source} (first {keep} images)")
-
-
-def held_out_part(data: Dataset, holdout: int) -> Dataset | None:
-    """The last ``holdout`` images of the data; None when nothing is held out."""
-    if holdout == 0:
-        return None
-    return Dataset(data.images[-holdout:], data.labels[-holdout:], data.class_names,
-                   f"{data.source} (last {holdout} images)")
+    return (Dataset(data.images[:keep], data.labels[:keep], data.class_names,
+                    f"{data.source} (first {keep} images)"),
+            Dataset(data.images[keep:], data.labels[keep:], data.class_names,
+                    f"{data.source} (last {holdout} images)"))
 
 
 class Trainer:
@@ -173,8 +167,7 @@ class Trainer:
                                f"{model_config.image_size}")
         self.model_config, self.schedule_config, self.config = (
             model_config, schedule_config, train_config)
-        self.held_out = held_out_part(data, train_config.holdout)
-        data = training_part(data, train_config.holdout)
+        data, self.held_out = split_holdout(data, train_config.holdout)
         self.out_dir = Path(out_dir)
         self.device, self.precision = device, precision
         self.diffusion = GaussianDiffusion(schedule_config)

@@ -80,6 +80,16 @@ def label_name(label: int, null_class: int) -> str:
     return "uncond" if label == null_class else f"class{label}"
 
 
+def json_classes(labels: list[int], null_class: int) -> list[int | None]:
+    """Labels for --json: the null class (unconditional samples) as null."""
+    return [None if k == null_class else k for k in labels]
+
+
+def is_guided(classifier_scale: float, cfg_scale: float, unconditional: bool = False) -> bool:
+    """Whether any guidance option differs from plain conditional sampling."""
+    return classifier_scale != 0.0 or cfg_scale != 1.0 or unconditional
+
+
 class step_progress:  # noqa: N801
     """A progress bar over sampler steps of all batches (hidden when not on a terminal)."""
 
@@ -161,7 +171,7 @@ def sample_cmd(
     if not json_out:
         typer.echo("\n".join(files))
     emit_json(json_out, {"files": files,
-                         "classes": [None if k == loaded.model.null_class else k for k in labels],
+                         "classes": json_classes(labels, loaded.model.null_class),
                          "seeds": seeds, "classifier_scale": classifier_scale,
                          "cfg_scale": cfg_scale, "unconditional": unconditional,
                          "seconds": round(seconds, 3), "weights": str(loaded.path),
@@ -209,8 +219,7 @@ def trajectory(
     if forward and show_x0:
         raise typer.BadParameter("--show-x0 applies to the reverse path only",
                                  param_hint="--show-x0")
-    guided = classifier_scale != 0.0 or cfg_scale != 1.0 or unconditional
-    if forward and guided:
+    if forward and is_guided(classifier_scale, cfg_scale, unconditional):
         raise InvalidSetting("guidance applies to the reverse path only, not to --forward")
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
@@ -247,7 +256,7 @@ def trajectory(
     if not json_out:
         typer.echo(out)
     emit_json(json_out, {"files": [str(out)], "frames": len(grids), "timesteps": shown,
-                         "classes": [None if k == loaded.model.null_class else k for k in labels],
+                         "classes": json_classes(labels, loaded.model.null_class),
                          "seeds": seeds, "classifier_scale": classifier_scale,
                          "cfg_scale": cfg_scale, "unconditional": unconditional,
                          "seconds": round(seconds, 3)})
@@ -317,7 +326,7 @@ def denoise_cmd(
     else:
         targets = [check_can_create(out_dir) / f"{p.stem}.png" for p in inputs]
     check_targets(inputs, targets)
-    if classes is None and (classifier_scale != 0.0 or cfg_scale != 1.0):
+    if classes is None and is_guided(classifier_scale, cfg_scale):
         raise InvalidSetting("guidance steers towards a class; give --class")
     config, dev, prec, loaded, guidance = prepare(
         steps, ddim, eta, variance, weights, raw, device, precision, classifier_scale,
@@ -385,7 +394,7 @@ def evaluate(
     if images_dir is not None:
         sampling = [name for name, value in (("--weights", weights), ("--classifier", classifier))
                     if value is not None]
-        if classifier_scale or cfg_scale != 1.0 or unconditional:
+        if is_guided(classifier_scale, cfg_scale, unconditional):
             sampling.append("a guidance option")
         sampling += [{"ddim": "--ddim/--ddpm"}.get(name, f"--{name.replace('_', '-')}")
                      for name in SAMPLING_ONLY
